@@ -1,0 +1,1234 @@
+#!/usr/bin/env python3
+"""Task Train: a sequential script runner with a teensy REST API.
+
+    python3 tasktrain.py [--host 127.0.0.1] [--port 5800] [--scripts-dir DIR] ...
+
+`POST /task?name=NAME&k=v` queues a task; one task at a time, in order of
+submission, every executable file in `scripts.d/NAME/` runs as
+`SCRIPT --name=NAME --k=v`. Tasks live in SQLite under `--state-dir`, their output
+in log files beside it, so an accepted task survives a crash of the daemon.
+
+Security: whoever can reach the port can run the scripts in `scripts.d` with any
+arguments. It listens on loopback by default and refuses a public address unless
+`--token` is set (or `--insecure` says you know better). Arguments are passed as
+an argv list, never through a shell.
+
+Standard library only; Python 3.9 or newer; Linux and macOS.
+"""
+
+__version__ = "1.0.0"
+
+__all__ = ["TaskStore", "Runner", "TaskTrainServer", "Handler", "main"]
+
+import argparse
+import base64
+import codecs
+import dataclasses
+import hashlib
+import hmac
+import html
+import http.server
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import queue
+import re
+import shlex
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+# ----------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PORT = 5800
+DEFAULT_KEEP = 1000
+DEFAULT_GRACE_S = 30.0
+
+NAME_RE = re.compile(r"[a-z0-9_-]{3,24}")
+KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+ID_RE = r"[0-9a-f]{13}"
+BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+MAX_PARAMS = 100
+MAX_VALUE_BYTES = 8 * 1024
+MAX_BODY_BYTES = 1024 * 1024
+MAX_PENDING = 10_000
+RETRY_AFTER_S = 30
+IDLE_TIMEOUT_S = 30
+FOLLOW_POLL_S = 0.02
+COPY_CHUNK_BYTES = 1024 * 1024
+HTML_TAIL_BYTES = 256 * 1024
+LIST_REFRESH_S = 3
+
+FINISHED = ("complete", "failed", "cancelled")
+SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
+FORM_TYPE = "application/x-www-form-urlencoded"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+JSON = "application/json; charset=utf-8"
+
+MISSING_SCRIPTS = "Missing scripts for this task name."
+CANCELLED = "Task cancelled by request: its scripts were stopped."
+RESTARTED = ("Task Train stopped while this task was running; "
+             "it was marked failed and not run again.")
+
+log = logging.getLogger("tasktrain")
+
+
+# ----------------------------------------------------------------------------
+# Task model and store (SQLite, one lock)
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A snapshot of one task's row; never changes once read."""
+
+    id: str
+    name: str
+    params: dict
+    status: str
+    created_us: int
+    started_us: "int | None" = None
+    finished_us: "int | None" = None
+    exit_code: "int | None" = None
+    scripts: tuple = ()
+    body: bytes = b""
+
+    @property
+    def args(self):
+        """The arguments every script of the task gets, in submission order."""
+        return ["--name=" + self.name] + [f"--{k}={v}" for k, v in self.params.items()]
+
+    @property
+    def finished(self):
+        return self.status in FINISHED
+
+
+class QueueFull(Exception):
+    """More than MAX_PENDING tasks are waiting."""
+
+
+def format_id(us):
+    """PHP uniqid(): 8 hex digits of Unix seconds, then 5 of microseconds."""
+    return "%08x%05x" % divmod(us, 1_000_000)
+
+
+def parse_id(task_id):
+    """Microseconds since the epoch encoded in a uniqid()-style id."""
+    return int(task_id[:8], 16) * 1_000_000 + int(task_id[8:], 16)
+
+
+def list_scripts(folder):
+    """The task's scripts: non-hidden regular files (or links to them) with an exec bit, sorted."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    scripts = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.access(path, os.X_OK):
+            continue
+        try:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                scripts.append(path)
+        except OSError:
+            continue
+    return scripts
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          TEXT PRIMARY KEY,   -- uniqid(): sorts in submission order
+    name        TEXT NOT NULL,
+    params      TEXT NOT NULL,      -- JSON object, keys in submission order
+    body        BLOB NOT NULL,      -- fed to every script on stdin
+    fingerprint TEXT NOT NULL,      -- finds an identical pending task
+    status      TEXT NOT NULL,
+    created_us  INTEGER NOT NULL,
+    started_us  INTEGER,
+    finished_us INTEGER,
+    exit_code   INTEGER,
+    scripts     TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
+CREATE INDEX IF NOT EXISTS pending_by_fingerprint ON tasks (fingerprint)
+    WHERE status = 'pending';
+"""
+COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
+           "exit_code, scripts")
+
+
+class TaskStore:
+    """Tasks in SQLite, output in one log file per task, both under the state dir."""
+
+    def __init__(self, state_dir, keep=DEFAULT_KEEP):
+        self.keep = keep
+        self.log_dir = os.path.join(state_dir, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
+        db = sqlite3.connect(os.path.join(state_dir, "tasks.sqlite3"),
+                             isolation_level=None, check_same_thread=False)
+        # WAL with synchronous=FULL fsyncs the log at every commit, so a committed
+        # task survives a power cut, and readers never wait for the writer.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        # Hold _lock whenever touching _db, _last_us, _pending or _finished: the
+        # counters always equal what the table holds.
+        self._lock = threading.Lock()
+        self._db = db
+        with self._lock:
+            self._recover_running()
+            last = db.execute("SELECT max(id) FROM tasks").fetchone()[0]
+            self._last_us = parse_id(last) if last else 0
+            self._pending = self._count("status = 'pending'")
+            self._finished = self._count("status IN ('complete', 'failed', 'cancelled')")
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def log_path(self, task_id):
+        return os.path.join(self.log_dir, task_id + ".log")
+
+    # -- helpers that expect _lock held --
+
+    def _count(self, where):
+        return self._db.execute(f"SELECT count(*) FROM tasks WHERE {where}").fetchone()[0]
+
+    def _recover_running(self):
+        """Fail the tasks a dead daemon left running; they never run again by themselves."""
+        now = time.time_ns() // 1000
+        for (task_id,) in self._db.execute("SELECT id FROM tasks WHERE status = 'running'").fetchall():
+            append_line(self.log_path(task_id), RESTARTED)
+            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ? WHERE id = ?",
+                             (now, task_id))
+
+    def _next_us(self):
+        """The clock in microseconds, bumped so that ids never repeat and always increase."""
+        self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+        return self._last_us
+
+    def _row(self, task_id, columns=COLUMNS):
+        return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+
+    def _prune(self):
+        """Delete the oldest finished tasks and their logs beyond `keep`."""
+        extra = self._finished - self.keep
+        if extra <= 0:
+            return
+        old = [r[0] for r in self._db.execute(
+            "SELECT id FROM tasks WHERE status IN ('complete', 'failed', 'cancelled') "
+            "ORDER BY id LIMIT ?", (extra,))]
+        self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
+        self._finished -= len(old)
+        for task_id in old:
+            try:
+                os.unlink(self.log_path(task_id))
+            except FileNotFoundError:
+                pass
+
+    # -- the API; each call takes _lock --
+
+    def submit(self, name, params, body=b""):
+        """Commit a new pending task, or find an identical one; returns (task, is_new)."""
+        params_json = json.dumps(params, ensure_ascii=False, separators=(",", ":"))
+        fingerprint = hashlib.sha256(
+            b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
+        with self._lock:
+            same = self._db.execute(
+                "SELECT id FROM tasks WHERE fingerprint = ? AND status = 'pending'",
+                (fingerprint,)).fetchone()
+            if same:
+                return task_from_row(self._row(same[0])), False
+            if self._pending >= MAX_PENDING:
+                raise QueueFull
+            us = self._next_us()
+            task = Task(format_id(us), name, dict(params), "pending", us, body=body)
+            self._db.execute(
+                "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                (task.id, name, params_json, body, fingerprint, us))
+            self._pending += 1
+        return task, True
+
+    def get(self, task_id):
+        """The task with this id, or None."""
+        with self._lock:
+            row = self._row(task_id)
+        return task_from_row(row) if row else None
+
+    def status(self, task_id):
+        """Just the status of a task, or None if there is no such task."""
+        with self._lock:
+            row = self._row(task_id, "status")
+        return row[0] if row else None
+
+    def all(self):
+        """Every kept task, newest first, without bodies."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM tasks ORDER BY id DESC").fetchall()
+        return [task_from_row(r) for r in rows]
+
+    def pending_count(self):
+        with self._lock:
+            return self._pending
+
+    def position(self, task_id):
+        """Place in the queue of a pending task: 1 runs next."""
+        with self._lock:
+            return self._count(f"status = 'pending' AND id <= '{task_id}'")
+
+    def claim_next(self):
+        """Mark the oldest pending task running, committed to disk; None if none waits."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, body FROM tasks WHERE status = 'pending' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
+                             (time.time_ns() // 1000, row[0]))
+            self._pending -= 1
+            return dataclasses.replace(task_from_row(self._row(row[0])), body=row[1])
+
+    def record_scripts(self, task_id, runs):
+        """Save the scripts run so far by a running task."""
+        with self._lock:
+            self._db.execute("UPDATE tasks SET scripts = ? WHERE id = ?",
+                             (json.dumps(runs), task_id))
+
+    def finish(self, task_id, status, exit_code, runs):
+        """Record how a running task ended, then prune old tasks."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
+                "WHERE id = ?",
+                (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
+            self._finished += 1
+            self._prune()
+
+    def cancel_pending(self, task_id):
+        """Cancel a task if it is still pending; returns its status afterwards, or None."""
+        with self._lock:
+            changed = self._db.execute(
+                "UPDATE tasks SET status = 'cancelled', finished_us = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (time.time_ns() // 1000, task_id)).rowcount
+            if changed:
+                self._pending -= 1
+                self._finished += 1
+                self._prune()
+            row = self._row(task_id, "status")
+        if changed:
+            append_line(self.log_path(task_id), CANCELLED.split(":")[0] + ": it never ran.")
+        return row[0] if row else None
+
+
+def task_from_row(row):
+    """A Task from a row in COLUMNS order."""
+    task_id, name, params, status, created, started, finished, exit_code, scripts = row
+    return Task(task_id, name, json.loads(params), status, created, started, finished,
+                exit_code, tuple(json.loads(scripts)))
+
+
+def append_line(path, line):
+    """Append one line the daemon says about a task to the task's log."""
+    with open(path, "ab") as f:
+        f.write(line.encode() + b"\n")
+
+
+# ----------------------------------------------------------------------------
+# Runner thread
+# ----------------------------------------------------------------------------
+
+class Runner:
+    """The one thread that runs tasks, one at a time, in submission order.
+
+    `wakeups` gets one item per accepted task; the store decides which task is
+    next, so the order is the database's, also across restarts.
+    """
+
+    def __init__(self, store, scripts_dir, scripts_label, timeout_s=0, grace_s=DEFAULT_GRACE_S):
+        self.store = store
+        self.scripts_dir = scripts_dir
+        self.scripts_label = scripts_label
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.wakeups = queue.Queue()
+        self.env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
+        # Written only by the runner thread, read by others: each is replaced whole.
+        self._process = None        # (task id, Popen) of the script running now
+        self._stop_requests = {}    # task id -> (status, line for the log)
+        self._shutdown = None       # (status, line) once the daemon is stopping
+        self._task_finished = threading.Condition()
+
+    def start(self):
+        for _ in range(self.store.pending_count()):
+            self.wakeups.put(True)
+        self._thread.start()
+
+    def wake(self):
+        self.wakeups.put(True)
+
+    def shutdown(self, line):
+        """Stop the running task (if any), run no other, and wait for the thread."""
+        self._shutdown = ("failed", line)
+        current = self._process
+        if current:
+            self._terminate(current[1])
+        self.wakeups.put(None)
+        self._thread.join(self.grace_s + 10)
+
+    def stop(self, task_id, status, line):
+        """Stop a task the store has marked running: it ends with `status` and `line`."""
+        self._stop_requests.setdefault(task_id, (status, line))
+        current = self._process
+        if current and current[0] == task_id:
+            self._terminate(current[1])
+
+    def wait_finished(self, task_id, timeout_s):
+        """Wait until the task has finished; False if it has not within the timeout."""
+        with self._task_finished:
+            return self._task_finished.wait_for(
+                lambda: self.store.status(task_id) not in ("pending", "running"), timeout_s)
+
+    def _stop_reason(self, task_id):
+        return self._stop_requests.get(task_id) or self._shutdown
+
+    def _terminate(self, proc):
+        """SIGTERM to the script's process group; SIGKILL to it after the grace period."""
+        signal_group(proc.pid, signal.SIGTERM)
+        killer = threading.Timer(self.grace_s, signal_group, (proc.pid, signal.SIGKILL))
+        killer.daemon = True
+        killer.start()
+
+    def _await_group(self, pgid):
+        """After a stop: wait for the group's stragglers, then SIGKILL what is left."""
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline and signal_group(pgid, 0):
+            time.sleep(0.01)
+        signal_group(pgid, signal.SIGKILL)
+
+    def _loop(self):
+        while self.wakeups.get() is not None and not self._shutdown:
+            task = self.store.claim_next()
+            if task is None:
+                continue  # it was cancelled while pending
+            try:
+                self._run(task)
+            except Exception:
+                log.exception("task %s: the runner failed", task.id)
+                self.store.finish(task.id, "failed", None, [])
+            self._stop_requests.pop(task.id, None)
+            with self._task_finished:
+                self._task_finished.notify_all()
+
+    def _run(self, task):
+        folder = os.path.join(self.scripts_dir, task.name)
+        label = os.path.join(self.scripts_label, task.name)
+        env = dict(self.env, TASKTRAIN_TASK_ID=task.id, TASKTRAIN_TASK_NAME=task.name)
+        timer = None
+        if self.timeout_s:
+            timer = threading.Timer(self.timeout_s, self.stop,
+                                    (task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
+            timer.daemon = True
+            timer.start()
+        runs, status, exit_code = [], "complete", 0
+        with open(self.store.log_path(task.id), "ab", buffering=0) as out, \
+                stdin_for(task.body) as stdin:
+            scripts = list_scripts(folder)
+            if not scripts:
+                out.write(MISSING_SCRIPTS.encode() + b"\n")
+                status, exit_code = "failed", 2
+            for i, path in enumerate(scripts):
+                if self._stop_reason(task.id):
+                    break
+                shown = os.path.join(label, os.path.basename(path))
+                out.write(command_line([shown] + task.args).encode() + b"\n")
+                exit_code, seconds = self._run_script(task, [path] + task.args, folder, env, stdin, out)
+                out.write(b"exit code: %d\n\n" % exit_code)
+                runs.append({"path": shown, "exit_code": exit_code, "seconds": round(seconds, 3)})
+                if exit_code != 0:
+                    status = "failed"
+                    break
+                if i + 1 < len(scripts):
+                    self.store.record_scripts(task.id, runs)
+            if timer:
+                timer.cancel()
+            reason = self._stop_reason(task.id)
+            if reason:
+                status = reason[0]
+                out.write(reason[1].encode() + b"\n")
+        self.store.finish(task.id, status, exit_code, runs)
+
+    def _run_script(self, task, argv, folder, env, stdin, out):
+        """Run one script in its own process group; returns (exit code, seconds)."""
+        started = time.monotonic()
+        if stdin is not subprocess.DEVNULL:
+            stdin.seek(0)
+        try:
+            proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            out.write(f"cannot run {argv[0]}: {e.strerror}\n".encode())
+            return (127 if isinstance(e, FileNotFoundError) else 126), time.monotonic() - started
+        self._process = (task.id, proc)
+        if self._stop_reason(task.id):
+            self._terminate(proc)
+        returncode = proc.wait()
+        self._process = None
+        if self._stop_reason(task.id):
+            self._await_group(proc.pid)
+        # A script killed by signal N exits 128 + N, as a shell reports it.
+        exit_code = returncode if returncode >= 0 else 128 - returncode
+        return exit_code, time.monotonic() - started
+
+
+class stdin_for:
+    """The scripts' stdin: /dev/null, or a temporary file holding the task's body."""
+
+    def __init__(self, body):
+        self.body = body
+        self.file = None
+
+    def __enter__(self):
+        if not self.body:
+            return subprocess.DEVNULL
+        self.file = tempfile.TemporaryFile()
+        self.file.write(self.body)
+        self.file.flush()
+        return self.file
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+
+
+def signal_group(pgid, signum):
+    """Send a signal to a process group; False if the group is gone."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# ----------------------------------------------------------------------------
+# Rendering: text, JSON and HTML, pure functions of a task snapshot
+# ----------------------------------------------------------------------------
+
+def shell_quote(arg):
+    """shlex.quote, except that control characters are written $'\\n' so a record stays one line each."""
+    if not any(ord(c) < 32 or c == "\x7f" for c in arg):
+        return shlex.quote(arg)
+    escaped = "".join(
+        {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c)
+        or (c if ord(c) >= 32 and c != "\x7f" else "\\x%02x" % ord(c))
+        for c in arg)
+    return "$'" + escaped + "'"
+
+
+def command_line(argv):
+    return " ".join(shell_quote(a) for a in argv)
+
+
+def php_json(params):
+    """PHP's json_encode of a string array: `\\/`, `\\uXXXX`, and a list for keys 0..n-1."""
+    if not params:
+        return "[]"
+    if list(params) == [str(i) for i in range(len(params))]:
+        value = list(params.values())
+    else:
+        value = params
+    return json.dumps(value, separators=(",", ":")).replace("/", "\\/")
+
+
+def rfc2822(us):
+    """PHP date('r') in the server's local time zone."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime(us // 1_000_000))
+
+
+def iso8601(us):
+    if us is None:
+        return None
+    t = time.localtime(us // 1_000_000)
+    offset = time.strftime("%z", t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + offset[:3] + ":" + offset[3:]
+
+
+def process_argv(task, scripts_label):
+    return [os.path.join(scripts_label, task.name, "*")] + task.args
+
+
+def render_record_head(task, scripts_label):
+    """The record's seven lines up to `RESULTS: `; the output and one newline follow."""
+    glob = shell_quote(os.path.join(scripts_label, task.name)) + "/*"
+    return (f"ID:      {task.id}\n"
+            f"NAME:    {task.name}\n"
+            f"PARAMS:  {php_json(task.params)}\n"
+            f"STATUS:  {task.status}\n"
+            f"CREATED: {rfc2822(task.created_us)}\n"
+            f"PROCESS: {' '.join([glob] + [shell_quote(a) for a in task.args])}\n"
+            f"RESULTS: ")
+
+
+def task_fields(task, scripts_label, position=None):
+    """The task as a JSON-ready dict, without its output."""
+    return {
+        "id": task.id,
+        "name": task.name,
+        "params": task.params,
+        "status": task.status,
+        "created": iso8601(task.created_us),
+        "started": iso8601(task.started_us),
+        "finished": iso8601(task.finished_us),
+        "exit_code": task.exit_code,
+        "process": process_argv(task, scripts_label),
+        "position": position,
+        "scripts": list(task.scripts),
+    }
+
+
+def json_bytes(value):
+    return json.dumps(value, ensure_ascii=False).encode() + b"\n"
+
+
+PAGE_CSS = ("body { font-family: sans-serif; } div { padding: 0 .5em; } "
+            ".complete, .cancelled { color: gray; } .running { background: yellow; } "
+            ".failed { color: #8B0000; } pre { white-space: pre-wrap; }")
+
+
+def render_page(title, body, refresh_s=None):
+    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{refresh}'
+            f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head>"
+            f"<body>{body}</body></html>\n")
+
+
+def render_task_div(task, link):
+    """One task as the original's <div class="STATUS"> block."""
+    e = html.escape
+    task_id = f'<a href="{e(link)}">{task.id}</a>' if link else task.id
+    return (f'<div class="{e(task.status)}">\n'
+            f"<p>ID: {task_id}<br />\n"
+            f"Name: {e(task.name)}<br />\n"
+            f"Params: {e(php_json(task.params))}<br />\n"
+            f"Status: {e(task.status)}<br />\n"
+            f"Date: {rfc2822(task.created_us)}</p>\n"
+            "</div>")
+
+
+def render_list_html(tasks, pending):
+    """The /tasks page: the original's list, newest first; it refreshes while work is left."""
+    busy = any(not t.finished for t in tasks)
+    body = [f"<p>{pending} pending task(s).</p>"]
+    body += [render_task_div(t, "tasks/" + t.id) for t in tasks]
+    return render_page("Task Train", "\n".join(body), LIST_REFRESH_S if busy else None)
+
+
+FOLLOW_SCRIPT = """<script>
+(async () => {
+  const out = document.getElementById("output");
+  const response = await fetch(%s, {cache: "no-store"});
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let first = true;
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) break;
+    if (first) { out.textContent = ""; first = false; }
+    out.append(decoder.decode(value, {stream: true}));
+  }
+  location.reload();
+})();
+</script>"""
+
+
+def render_task_html(task, scripts_label, output_tail, truncated):
+    """A task's page for a browser; while the task is unfinished its output follows live."""
+    e = html.escape
+    note = (f'<p>Earlier output is in <a href="{task.id}/log">the full log</a>.</p>'
+            if truncated else "")
+    parts = [
+        '<p><a href="../tasks">All tasks</a></p>',
+        render_task_div(task, None),
+        f"<p>Process: <code>{e(' '.join(shell_quote(a) for a in process_argv(task, scripts_label)))}</code></p>",
+        note,
+        f'<pre id="output">{e(output_tail.decode("utf-8", "replace"))}</pre>',
+    ]
+    if not task.finished:
+        parts.append(FOLLOW_SCRIPT % json.dumps(f"{task.id}/log?follow=1"))
+    return render_page(f"Task Train: {task.name} {task.id}", "\n".join(parts))
+
+
+# ----------------------------------------------------------------------------
+# HTTP handler and routing
+# ----------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """An answer with a 4xx or 5xx status and a one-line reason."""
+
+    def __init__(self, status, reason, headers=None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def abort(status, reason, headers=None):
+    raise HTTPError(status, reason, headers)
+
+
+def unauthorized(reason="Authentication required."):
+    abort(401, reason, {"WWW-Authenticate": 'Basic realm="Task Train"'})
+
+
+def parse_form(raw):
+    """Decode `a=1&b=2` bytes strictly: bad percent-encoding or UTF-8 is a 400."""
+    pairs = []
+    for part in raw.split(b"&"):
+        if not part:
+            continue
+        key, _, value = part.partition(b"=")
+        pairs.append((unquote_strict(key), unquote_strict(value)))
+    return pairs
+
+
+def unquote_strict(raw):
+    if BAD_PERCENT_RE.search(raw):
+        abort(400, "Bad percent-encoding in the parameters.")
+    try:
+        return urllib.parse.unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        abort(400, "Parameters must be UTF-8.")
+
+
+def check_params(params):
+    """Abort with a 400 naming the first parameter that breaks a rule."""
+    if len(params) > MAX_PARAMS:
+        abort(400, f"Too many parameters: at most {MAX_PARAMS}.")
+    for key, value in params.items():
+        if not KEY_RE.fullmatch(key):
+            abort(400, f"Bad parameter name {key!r}: use letters, digits, _ . - (at most 64).")
+        if "\0" in value:
+            abort(400, f"Parameter {key!r} holds a NUL byte.")
+        if len(value.encode()) > MAX_VALUE_BYTES:
+            abort(400, f"Parameter {key!r} is longer than {MAX_VALUE_BYTES} bytes.")
+
+
+def same_secret(given, expected):
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parse, authorize, call the store, render, send: nothing more."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "TaskTrain/" + __version__
+    # A client that stalls for this long is dropped; each has its own thread.
+    timeout = IDLE_TIMEOUT_S
+    # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
+    # buffered write per response (flushed by the base class) sends it in one packet.
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
+
+    ROUTES = (  # (pattern, {method: handler name})
+        (re.compile(r"/"), {"GET": "home"}),
+        (re.compile(r"/task"), {"POST": "submit"}),
+        (re.compile(r"/tasks"), {"GET": "list_tasks"}),
+        (re.compile(rf"/tasks/({ID_RE})"), {"GET": "show_task", "DELETE": "cancel_task"}),
+        (re.compile(rf"/tasks/({ID_RE})/log"), {"GET": "show_log"}),
+    )
+
+    # -- dispatch --
+
+    def _dispatch(self):
+        self.request_no = next(self.server.request_counter)
+        self.body_pending = self._declared_length() != 0
+        self.sent = False
+        try:
+            if self.request_version == "HTTP/0.9":
+                self.request_version = "HTTP/1.0"  # so that a status line is sent
+                abort(400, "HTTP/0.9 is not supported.")
+            url = urllib.parse.urlsplit(self.path)
+            self.query = url.query
+            method = "GET" if self.command == "HEAD" else self.command
+            for pattern, methods in self.ROUTES:
+                match = pattern.fullmatch(url.path)
+                if match:
+                    break
+            else:
+                self._authorize(url.path, method)
+                abort(404, "Not found")
+            self._authorize(url.path, method)
+            if method not in methods:
+                allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
+                abort(405, f"Method {self.command} is not allowed here.",
+                      {"Allow": ", ".join(allowed)})
+            getattr(self, methods[method])(*match.groups())
+        except HTTPError as e:
+            self._send_reason(e.status, e.reason, e.headers)
+        except (ConnectionError, TimeoutError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("error answering %r", self.requestline)
+            self.close_connection = True
+            if not self.sent:
+                self._send_reason(500, "Internal error; the daemon's log says more.")
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+
+    # -- request parsing --
+
+    def _declared_length(self):
+        if self.headers.get("Transfer-Encoding"):
+            return -1
+        value = self.headers.get("Content-Length", "0").strip()
+        return int(value) if value.isdigit() else -1
+
+    def _read_body(self):
+        """The request body, checked against its declared length before it is read."""
+        if self.headers.get("Transfer-Encoding"):
+            abort(411, "Send the body with a Content-Length.")
+        length = self.headers.get("Content-Length", "0").strip()
+        if not length.isdigit():
+            abort(400, "Bad Content-Length.")
+        if int(length) > MAX_BODY_BYTES:
+            abort(413, f"Body too large: at most {MAX_BODY_BYTES} bytes.")
+        try:
+            body = self.rfile.read(int(length))
+        except (TimeoutError, socket.timeout):
+            abort(408, "Timed out reading the body.")
+        if len(body) < int(length):
+            abort(400, "Body shorter than its Content-Length.")
+        self.body_pending = False
+        return body
+
+    def _wants(self, kind):
+        """Whether the client asked for `json`, `html` or `text` (format=, then Accept)."""
+        accept = self.headers.get("Accept", "")
+        if "application/json" in accept:
+            return kind == "json"
+        if self.command in ("GET", "HEAD"):
+            fmt = dict(urllib.parse.parse_qsl(self.query)).get("format")
+            if fmt in ("json", "html", "text"):
+                return kind == fmt
+        return kind == "html" and "text/html" in accept
+
+    def _query_flag(self, key):
+        return dict(urllib.parse.parse_qsl(self.query)).get(key) not in (None, "", "0")
+
+    # -- authorization --
+
+    def _authorize(self, path, method):
+        """401 unless the request carries what --token and --secret ask for."""
+        token, secret = self.server.token, self.server.secret
+        if path == "/" and method == "GET":
+            return
+        self.needs_signature = False
+        if token and self._has_token(token):
+            return
+        if secret and method == "POST" and path == "/task":
+            gitlab = self.headers.get("X-Gitlab-Token")
+            if gitlab is not None and same_secret(gitlab, secret):
+                return
+            if self.headers.get("X-Hub-Signature-256") or self.headers.get("X-Gitea-Signature"):
+                self.needs_signature = True  # checked once the body is read
+                return
+            unauthorized("Missing webhook signature.")
+        if token:
+            unauthorized()
+
+    def _has_token(self, token):
+        scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer":
+            return same_secret(credentials, token)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return same_secret(decoded.partition(":")[2], token)
+        return False
+
+    def _check_signature(self, body):
+        expected = hmac.new(self.server.secret.encode(), body, hashlib.sha256).hexdigest()
+        github = self.headers.get("X-Hub-Signature-256", "")
+        gitea = self.headers.get("X-Gitea-Signature", "")
+        given = github[len("sha256="):] if github.startswith("sha256=") else gitea
+        if not (given and same_secret(given.strip().lower(), expected)):
+            unauthorized("Bad webhook signature.")
+
+    # -- routes --
+
+    def home(self):
+        if self._wants("json"):
+            self._send(200, JSON, json_bytes({"message": "Task Manager is running!",
+                                              "version": __version__}))
+        else:
+            self._send(200, TEXT, b"Task Manager is running!")
+
+    def submit(self):
+        body = self._read_body()
+        if self.needs_signature:
+            self._check_signature(body)
+        try:
+            raw_query = self.query.encode("latin-1")
+        except UnicodeEncodeError:
+            abort(400, "Parameters must be percent-encoded UTF-8.")
+        pairs = parse_form(raw_query)
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type == FORM_TYPE:
+            pairs += parse_form(body)
+            body = b""
+        params = dict(pairs)
+        name = params.pop("name", None)
+        if name is None or not NAME_RE.fullmatch(name):
+            abort(400, "Bad or missing name parameter.")
+        check_params(params)
+        folder = os.path.join(self.server.scripts_dir, name)
+        if not list_scripts(folder):
+            abort(404, f"No task named {name!r}: "
+                       f"{os.path.join(self.server.scripts_label, name)}/ holds no executable script.")
+        try:
+            task, is_new = self.server.store.submit(name, params, body)
+        except QueueFull:
+            abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
+                  {"Retry-After": str(RETRY_AFTER_S)})
+        if is_new:
+            self.server.runner.wake()
+        status, headers = (201 if is_new else 200), {"Location": "tasks/" + task.id}
+        if self._wants("json"):
+            fields = task_fields(task, self.server.scripts_label, self._position(task))
+            self._send(status, JSON, json_bytes(dict(fields, output="")), headers)
+        else:
+            self._send(status, TEXT, (render_record_head(task, self.server.scripts_label)
+                                      + "\n").encode(), headers)
+
+    def list_tasks(self):
+        store, label = self.server.store, self.server.scripts_label
+        tasks = store.all()
+        if self._wants("json"):
+            pending = [t for t in reversed(tasks) if t.status == "pending"]  # never pruned
+            positions = {t.id: i for i, t in enumerate(pending, 1)}
+            self._send(200, JSON, json_bytes(
+                [task_fields(t, label, positions.get(t.id)) for t in tasks]))
+        elif self._wants("text"):
+            self._send_chunks(200, TEXT, self._records(tasks))
+        else:
+            self._send(200, HTML, render_list_html(tasks, store.pending_count()).encode())
+
+    def _records(self, tasks):
+        for task in tasks:
+            yield render_record_head(task, self.server.scripts_label).encode()
+            with self._open_log(task.id) as f:
+                yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
+            yield b"\n\n"
+
+    def show_task(self, task_id):
+        task = self._task(task_id)
+        label = self.server.scripts_label
+        if self._wants("json"):
+            self._send_chunks(200, JSON, self._json_with_output(task))
+        elif self._wants("html"):
+            with self._open_log(task_id) as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - HTML_TAIL_BYTES))
+                tail = f.read(HTML_TAIL_BYTES)
+            self._send(200, HTML, render_task_html(task, label, tail, size > HTML_TAIL_BYTES).encode())
+        else:
+            head = render_record_head(task, label).encode()
+            with self._open_log(task_id) as f:
+                self._send_file(200, TEXT, f, head, b"\n")
+
+    def _json_with_output(self, task):
+        fields = task_fields(task, self.server.scripts_label, self._position(task))
+        yield json.dumps(fields, ensure_ascii=False)[:-1].encode() + b', "output": "'
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        with self._open_log(task.id) as f:
+            for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b""):
+                yield json.dumps(decoder.decode(chunk), ensure_ascii=False)[1:-1].encode()
+        yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode()
+        yield b'"}\n'
+
+    def show_log(self, task_id):
+        self._task(task_id)
+        if self._query_flag("follow"):
+            self._send_chunks(200, TEXT, self._follow(task_id))
+        else:
+            with self._open_log(task_id) as f:
+                self._send_file(200, TEXT, f)
+
+    def _follow(self, task_id):
+        """The log as it is written: waits while the task is pending, ends when it ends."""
+        path, store, f = self.server.store.log_path(task_id), self.server.store, None
+        try:
+            while True:
+                status = store.status(task_id)
+                if f is None and os.path.exists(path):
+                    f = open(path, "rb")
+                if f:
+                    yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
+                if status is None or status in FINISHED:
+                    return
+                time.sleep(FOLLOW_POLL_S)
+        finally:
+            if f:
+                f.close()
+
+    def cancel_task(self, task_id):
+        store, runner = self.server.store, self.server.runner
+        task = self._task(task_id)
+        if task.finished:
+            abort(409, f"Task {task_id} has already finished ({task.status}).")
+        if store.cancel_pending(task_id) == "running":
+            runner.stop(task_id, "cancelled", CANCELLED)
+            runner.wait_finished(task_id, runner.grace_s + 5)
+        self.show_task(task_id)
+
+    # -- helpers --
+
+    def _task(self, task_id):
+        task = self.server.store.get(task_id)
+        if task is None:
+            abort(404, "Not found")
+        return task
+
+    def _position(self, task):
+        return self.server.store.position(task.id) if task.status == "pending" else None
+
+    def _open_log(self, task_id):
+        """The task's log file, or an empty stand-in before it has one."""
+        try:
+            return open(self.server.store.log_path(task_id), "rb")
+        except FileNotFoundError:
+            return open(os.devnull, "rb")
+
+    # -- sending: every response leaves through _send, _send_file or _send_chunks --
+
+    def _start(self, status, content_type, headers):
+        self.sent = True
+        if self.body_pending:  # an unread body would be taken for the next request
+            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("X-Req-Count", str(self.request_no))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+
+    def _send(self, status, content_type, body, headers=None):
+        self._start(status, content_type, headers)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_file(self, status, content_type, f, head=b"", tail=b""):
+        """Send a file's bytes as they are now, from disk, between head and tail."""
+        size = os.fstat(f.fileno()).st_size
+        self._start(status, content_type, None)
+        self.send_header("Content-Length", str(len(head) + size + len(tail)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        self.wfile.write(head)
+        while size > 0:
+            chunk = f.read(min(size, COPY_CHUNK_BYTES))
+            if not chunk:  # the file shrank: keep the promised length
+                chunk = b" " * min(size, COPY_CHUNK_BYTES)
+            self.wfile.write(chunk)
+            size -= len(chunk)
+        self.wfile.write(tail)
+
+    def _send_chunks(self, status, content_type, chunks):
+        """Send a body of unknown length: chunked, or closed at its end for HTTP/1.0."""
+        chunked = self.request_version != "HTTP/1.0"
+        if not chunked:
+            self.close_connection = True
+        self._start(status, content_type, {"Transfer-Encoding": "chunked"} if chunked else None)
+        self.end_headers()
+        self.wfile.flush()  # a follower sees the answer start before the output does
+        if self.command == "HEAD":
+            return
+        for chunk in chunks:
+            if chunk:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                self.wfile.flush()
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _send_reason(self, status, reason, headers=None):
+        if self._wants_json_safely():
+            self._send(status, JSON, json_bytes({"error": reason}), headers)
+        else:
+            self._send(status, TEXT, reason.encode() + b"\n", headers)
+
+    def _wants_json_safely(self):
+        return self.headers is not None and "application/json" in self.headers.get("Accept", "")
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's answer to a malformed request, as a one-line plain text."""
+        self.close_connection = True
+        if not self.request_version or self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # or no status line would be sent
+        if not hasattr(self, "headers"):
+            self.headers = None
+        self.request_no = next(self.server.request_counter)
+        self.body_pending = False
+        reason = message or self.responses.get(code, ("Bad request",))[0]
+        self._send_reason(code, reason.replace("\r", " ").replace("\n", " "))
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class TaskTrainServer(http.server.ThreadingHTTPServer):
+    """The HTTP server; it owns the store and the runner that handlers reach."""
+
+    daemon_threads = True
+    # The default backlog of 5 drops connections when many clients submit at once.
+    request_queue_size = 128
+
+    def __init__(self, address, store, runner, token=None, secret=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.store = store
+        self.runner = runner
+        self.scripts_dir = runner.scripts_dir
+        self.scripts_label = runner.scripts_label
+        self.token = token
+        self.secret = secret
+        self.request_counter = itertools.count(1)
+        super().__init__(address, Handler)
+
+
+# ----------------------------------------------------------------------------
+# CLI and main
+# ----------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="tasktrain.py",
+        description="A sequential script runner with a teensy REST API.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--scripts-dir", help="where the task folders are (default: scripts.d beside tasktrain.py)")
+    parser.add_argument("--state-dir", help="task database and logs (default: state beside tasktrain.py)")
+    parser.add_argument("--keep", type=non_negative(int), default=DEFAULT_KEEP,
+                        help="finished tasks kept (default: %(default)s)")
+    parser.add_argument("--timeout", type=non_negative(float), default=0,
+                        help="seconds a task may run before it is killed; 0: no limit")
+    parser.add_argument("--grace", type=non_negative(float), default=DEFAULT_GRACE_S,
+                        help="seconds from SIGTERM to SIGKILL when a task is stopped (default: %(default)g)")
+    parser.add_argument("--token", default=os.environ.get("TASKTRAIN_TOKEN"),
+                        help="shared secret every request but GET / must carry (env TASKTRAIN_TOKEN)")
+    parser.add_argument("--secret", default=os.environ.get("TASKTRAIN_SECRET"),
+                        help="webhook secret: GitHub/Gitea signatures, GitLab token (env TASKTRAIN_SECRET)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without --token")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if not (is_loopback(args.host) or args.token or args.insecure):
+        parser.error(f"--host {args.host} is not a loopback address: anyone who reaches it "
+                     "could run your scripts. Set --token (or TASKTRAIN_TOKEN), "
+                     "or pass --insecure if a firewall already guards it.")
+    return args
+
+
+def non_negative(kind):
+    def convert(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def catch_stop_signals():
+    """A socket pair whose first end receives the number of each SIGTERM or SIGINT.
+
+    The kernel may deliver a signal to any thread, and then a main thread blocked on
+    a lock never wakes; the wakeup fd is written from whichever thread caught it.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    return reader, writer  # the caller keeps the writer open
+
+
+def main(argv=None):
+    """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s tasktrain: %(message)s")
+    scripts_dir = os.path.abspath(args.scripts_dir or os.path.join(HERE, "scripts.d"))
+    scripts_label = args.scripts_dir.rstrip("/") or "/" if args.scripts_dir else "scripts.d"
+    state_dir = os.path.abspath(args.state_dir or os.path.join(HERE, "state"))
+    os.makedirs(scripts_dir, exist_ok=True)
+    os.makedirs(state_dir, exist_ok=True)
+
+    store = TaskStore(state_dir, args.keep)
+    runner = Runner(store, scripts_dir, scripts_label, args.timeout, args.grace)
+    try:
+        server = TaskTrainServer((args.host, args.port), store, runner, args.token, args.secret)
+    except OSError as e:
+        log.error("cannot listen on %s port %d: %s", args.host, args.port, e.strerror)
+        return 1
+    stop_signals, _ = signal_socket = catch_stop_signals()
+    runner.start()
+    # The poll interval bounds how long a stop waits for the accept loop to notice.
+    serving = threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True)
+    serving.start()
+
+    host, port = server.server_address[:2]
+    log.info("version %s; scripts go in %s/NAME/ (one folder per task name); state in %s",
+             __version__, scripts_dir, state_dir)
+    log.info("%d task(s) pending", store.pending_count())
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"Server running at http://{shown_host}:{port}", flush=True)
+
+    signame = signal.Signals(stop_signals.recv(1)[0]).name
+    log.info("%s: stopping; pending tasks stay queued for the next start", signame)
+    server.shutdown()
+    server.server_close()
+    runner.shutdown(f"Task Train was stopped ({signame}) while this task ran; "
+                    "its scripts were stopped.")
+    store.close()
+    for end in signal_socket:
+        end.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,930 @@
+"""Tests for tasktrain.py: a real daemon on port 0, real scripts, real HTTP.
+
+Run with:  python3 -m pytest -q test_tasktrain.py
+
+Each test names the rule of the contract (../shared/SPEC.md) it checks. Waits poll
+the real API against a deadline; nothing sleeps hoping it is long enough.
+"""
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import tasktrain
+
+TASKTRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasktrain.py")
+DEADLINE_S = 15
+
+
+# ----------------------------------------------------------------------------
+# Helpers: a daemon in a subprocess, scripts in tmp_path, HTTP
+# ----------------------------------------------------------------------------
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def text(self):
+        return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Daemon:
+    """tasktrain.py as a user runs it, with its own scripts and state under `root`."""
+
+    def __init__(self, root, *options, env=None):
+        self.root = root
+        self.scripts = root / "scripts.d"
+        self.state = root / "state"
+        self.stderr_path = root / "daemon.stderr"
+        cmd = [sys.executable, TASKTRAIN, "--port", "0", "--scripts-dir", str(self.scripts),
+               "--state-dir", str(self.state), *options]
+        with open(self.stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                         env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline()
+        match = re.fullmatch(r"Server running at http://127\.0\.0\.1:(\d+)\n", line)
+        assert match, f"no announcement: {line!r}; stderr: {self.stderr()}"
+        self.port = int(match.group(1))
+
+    def stderr(self):
+        return self.stderr_path.read_text()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return Response(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def submit(self, name, expect=201, body=None, headers=None, **params):
+        resp = self.request("POST", "/task?" + urllib.parse.urlencode({"name": name, **params}),
+                            body=body, headers=headers)
+        assert resp.status == expect, resp.text
+        return record_fields(resp.text)["ID"] if resp.status in (200, 201) else resp
+
+    def task(self, task_id):
+        return self.get(f"/tasks/{task_id}", headers={"Accept": "application/json"}).json()
+
+    def wait_status(self, task_id, *statuses, timeout=DEADLINE_S):
+        statuses = statuses or ("complete", "failed", "cancelled")
+        return wait_for(lambda: self.task(task_id)["status"] in statuses and self.task(task_id),
+                        timeout, f"task {task_id} never reached {statuses}")
+
+    def log(self, task_id):
+        return self.get(f"/tasks/{task_id}/log").text
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+        return self.proc.wait(DEADLINE_S)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def wait_for(predicate, timeout=DEADLINE_S, message="condition never held"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(message)
+
+
+def add_script(root, task, filename, text, mode=0o755):
+    folder = root / "scripts.d" / task
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / filename
+    path.write_text(text if text.startswith("#!") else "#!/bin/sh\n" + text)
+    path.chmod(mode)
+    return path
+
+
+def record_fields(text):
+    """The seven labelled lines of a record as a dict; RESULTS holds the rest."""
+    head, _, results = text.partition("RESULTS: ")
+    fields = dict(line.split(":", 1) for line in head.splitlines())
+    fields = {k: v[9 - len(k) - 1:] for k, v in fields.items()}
+    fields["RESULTS"] = results
+    return fields
+
+
+def raw_exchange(port, data, timeout=5):
+    """Send raw bytes; returns what the server answered until it closed or went quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks):
+                    head = b"".join(chunks).split(b"\r\n\r\n")[0]
+                    m = re.search(rb"Content-Length: (\d+)", head)
+                    if m and len(b"".join(chunks)) >= len(head) + 4 + int(m.group(1)):
+                        break
+        except socket.timeout:
+            pass
+    return b"".join(chunks)
+
+
+def gone(pid):
+    """True once a process has exited (a zombie awaiting its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    started = []
+
+    def start(*options, env=None):
+        daemon = Daemon(tmp_path, *options, env=env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path, daemons):
+    add_script(tmp_path, "example", "args.sh", 'for a; do echo "arg: $a"; done\n')
+    return daemons()
+
+
+# ----------------------------------------------------------------------------
+# §1 Running it
+# ----------------------------------------------------------------------------
+
+def test_start_creates_missing_folders_and_says_where_scripts_go(tmp_path, daemons):
+    d = daemons()
+    assert d.scripts.is_dir() and d.state.is_dir()
+    assert str(d.scripts) in d.stderr()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--port", "abc"], ["--bogus"], ["--keep", "-1"], ["--port", "70000"],
+    ["--host", "0.0.0.0"], ["--host=0.0.0.0"],
+])
+def test_bad_options_exit_2_with_usage(argv, tmp_path):
+    proc = subprocess.run([sys.executable, TASKTRAIN, "--state-dir", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: tasktrain.py")
+
+
+def test_public_host_without_token_says_how_to_proceed():
+    with pytest.raises(SystemExit) as exit_info:
+        tasktrain.parse_args(["--host", "192.0.2.1"])
+    assert exit_info.value.code == 2
+    assert tasktrain.parse_args(["--host", "192.0.2.1", "--insecure"]).insecure
+    assert tasktrain.parse_args(["--host=192.0.2.1", "--token", "t"]).token == "t"
+    assert tasktrain.parse_args(["--host=::1"]).host == "::1"
+
+
+def test_version_and_help_exit_0():
+    for flag in ("--version", "--help"):
+        proc = subprocess.run([sys.executable, TASKTRAIN, flag], capture_output=True, text=True,
+                              timeout=DEADLINE_S)
+        assert proc.returncode == 0 and proc.stdout
+
+
+def test_sigterm_fails_running_task_keeps_pending_and_exits_0(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", "echo started; trap '' TERM; sleep 30\n")
+    add_script(tmp_path, "quick", "run", "exit 0\n")
+    d = daemons("--grace", "0.5")
+    slow = d.submit("slow")
+    wait_for(lambda: "started" in d.log(slow))
+    queued = [d.submit("quick", n=str(i)) for i in range(3)]
+    assert d.signal(signal.SIGTERM) == 0
+
+    d = daemons()
+    task = d.wait_status(slow)
+    assert task["status"] == "failed"
+    assert "SIGTERM" in d.log(slow)
+    for task_id in queued:
+        assert d.wait_status(task_id)["status"] == "complete"
+
+
+def test_sigint_also_stops_cleanly(daemon):
+    assert daemon.signal(signal.SIGINT) == 0
+
+
+# ----------------------------------------------------------------------------
+# §2 The task record
+# ----------------------------------------------------------------------------
+
+def test_record_is_seven_lines_byte_for_byte(daemon):
+    resp = daemon.request("POST", "/task?name=example&myparam=testvalue&path=/a/b&word=caf%C3%A9")
+    lines = resp.text.split("\n")
+    assert [line[:9] for line in lines[:7]] == [
+        "ID:      ", "NAME:    ", "PARAMS:  ", "STATUS:  ", "CREATED: ", "PROCESS: ", "RESULTS: "]
+    task_id = lines[0][9:]
+    assert re.fullmatch(r"[0-9a-f]{13}", task_id)
+    created = time.strftime("%a, %d %b %Y %H:%M:%S %z",
+                            time.localtime(int(task_id[:8], 16)))
+    assert resp.text == (
+        f"ID:      {task_id}\n"
+        "NAME:    example\n"
+        'PARAMS:  {"myparam":"testvalue","path":"\\/a\\/b","word":"caf\\u00e9"}\n'
+        "STATUS:  pending\n"
+        f"CREATED: {created}\n"
+        f"PROCESS: {daemon.scripts}/example/* --name=example --myparam=testvalue --path=/a/b "
+        "'--word=café'\n"
+        "RESULTS: \n")
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, "[]"),
+    ({"a": "1"}, '{"a":"1"}'),
+    ({"0": "x", "1": "y"}, '["x","y"]'),
+    ({"1": "x"}, '{"1":"x"}'),
+    ({"q": 'say "hi"\n\t<b>&'}, '{"q":"say \\"hi\\"\\n\\t<b>&"}'),
+    ({"e": "\U0001F600"}, '{"e":"\\ud83d\\ude00"}'),
+])
+def test_params_line_is_php_json_encode(params, expected):
+    assert tasktrain.php_json(params) == expected
+
+
+def test_process_line_quotes_each_argument_and_stays_one_line(daemon):
+    resp = daemon.request("POST", "/task?" + urllib.parse.urlencode(
+        {"name": "example", "msg": "two words", "nl": "a\nb"}))
+    fields = record_fields(resp.text)
+    assert fields["PROCESS"] == (f"{daemon.scripts}/example/* --name=example "
+                                 "'--msg=two words' $'--nl=a\\nb'")
+    assert len(resp.text.split("\n")) == 8
+
+
+def test_ids_are_unique_and_increasing_across_restarts(tmp_path, daemons):
+    add_script(tmp_path, "example", "run", "exit 0\n")
+    d = daemons()
+    ids = [d.submit("example", i=str(i)) for i in range(20)]
+    d.stop()
+    d = daemons()
+    ids += [d.submit("example", i=str(i)) for i in range(20, 25)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{13}", i) for i in ids)
+    assert abs(int(ids[-1][:8], 16) - time.time()) < 60
+
+
+def test_id_clock_never_repeats_within_a_microsecond(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    ids = [store.submit("example", {"i": str(i)})[0].id for i in range(200)]
+    store.close()
+    assert ids == sorted(set(ids))
+
+
+def test_results_hold_command_stdout_stderr_and_exit_code(tmp_path, daemons):
+    add_script(tmp_path, "both", "a.sh", "echo out; echo err >&2; echo out2\n")
+    d = daemons()
+    task_id = d.submit("both", x="1")
+    d.wait_status(task_id)
+    record = d.get(f"/tasks/{task_id}").text
+    assert record_fields(record)["RESULTS"] == (
+        f"{d.scripts}/both/a.sh --name=both --x=1\nout\nerr\nout2\nexit code: 0\n\n\n")
+
+
+# ----------------------------------------------------------------------------
+# §3 HTTP API
+# ----------------------------------------------------------------------------
+
+def test_home_says_it_is_running(daemon):
+    resp = daemon.get("/")
+    assert (resp.status, resp.body) == (200, b"Task Manager is running!")
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/"), ("GET", "/tasks"), ("GET", "/nope"), ("POST", "/task?name=x"),
+    ("PUT", "/tasks"), ("GET", "/tasks?format=json"),
+])
+def test_every_response_has_length_charset_and_request_count(daemon, method, path):
+    first = daemon.request(method, path)
+    second = daemon.request(method, path)
+    for resp in (first, second):
+        assert "charset=utf-8" in resp.headers["Content-Type"]
+        assert resp.headers["Content-Length"] == str(len(resp.body))
+    assert int(second.headers["X-Req-Count"]) == int(first.headers["X-Req-Count"]) + 1
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(daemon):
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=DEADLINE_S)
+    for _ in range(5):
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.read() == b"Task Manager is running!" and resp.version == 11
+    conn.close()
+
+
+def test_submit_answers_201_with_record_and_location(daemon):
+    resp = daemon.request("POST", "/task?name=example")
+    task_id = record_fields(resp.text)["ID"]
+    assert resp.status == 201
+    assert resp.headers["Location"] == f"tasks/{task_id}"
+    assert record_fields(resp.text)["PARAMS"] == "[]"
+
+
+@pytest.mark.parametrize("query", [
+    "", "name=", "name=ab", "name=Example", "name=a" * 1 + "b" * 24, "name=ex%20ample",
+    "name=../etc", "name=ex.ample", "other=1",
+])
+def test_bad_or_missing_name_is_400_and_queues_nothing(daemon, query):
+    resp = daemon.request("POST", "/task?" + query)
+    assert (resp.status, resp.text) == (400, "Bad or missing name parameter.\n")
+    assert daemon.get("/tasks?format=json").json() == []
+
+
+def test_unknown_task_or_folder_without_executables_is_404(tmp_path, daemon):
+    add_script(tmp_path, "notes", "README", "just text\n", mode=0o644)
+    for name in ("nosuchtask", "notes"):
+        resp = daemon.request("POST", f"/task?name={name}")
+        assert resp.status == 404
+        assert name in resp.text and f"{daemon.scripts}/{name}/" in resp.text
+    assert daemon.get("/tasks?format=json").json() == []
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("bad%20key=1", "Bad parameter name"),
+    (".hidden=1", "Bad parameter name"),
+    ("k" * 65 + "=1", "Bad parameter name"),
+    ("v=" + "x" * (8 * 1024 + 1), "longer than"),
+    ("v=a%00b", "NUL"),
+    ("v=%zz", "percent-encoding"),
+    ("v=%4", "percent-encoding"),
+    ("v=%ff%fe", "UTF-8"),
+    ("&".join(f"k{i}=v" for i in range(101)), "Too many parameters"),
+])
+def test_bad_params_are_400_naming_the_problem(daemon, query, reason):
+    resp = daemon.request("POST", "/task?name=example&" + query)
+    assert resp.status == 400 and reason in resp.text
+    assert resp.text.count("\n") == 1
+    assert daemon.get("/tasks?format=json").json() == []
+
+
+def test_limits_accept_the_largest_valid_params(daemon):
+    params = {f"k{i}": "v" for i in range(99)}
+    params["K_9.a-" + "z" * 58] = "x" * (8 * 1024)
+    assert daemon.submit("example", **params)
+
+
+def test_form_body_gives_params_and_later_values_win(tmp_path, daemon):
+    resp = daemon.request("POST", "/task?a=query&b=kept",
+                          body="name=example&a=form&c=3",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 201
+    assert record_fields(resp.text)["PARAMS"] == '{"a":"form","b":"kept","c":"3"}'
+
+
+def test_identical_pending_submission_is_coalesced(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "example", "run", "exit 0\n")
+    go = tmp_path / "go"
+    d = daemons(env={"GO": str(go)})
+    blocker = d.submit("block")
+    first = d.submit("example", a="1")
+    assert d.submit("example", expect=200, a="1") == first
+    assert d.submit("example", a="2") != first
+    assert d.submit("example", body=b"{}", a="1",
+                    headers={"Content-Type": "application/json"}) != first
+    go.touch()
+    d.wait_status(first)
+    assert d.submit("example", a="1") != first  # only pending tasks coalesce
+    assert d.wait_status(blocker)["status"] == "complete"
+
+
+def test_more_than_10000_pending_is_503_with_retry_after(tmp_path, daemons):
+    add_script(tmp_path, "example", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    (tmp_path / "state").mkdir()
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    store.close()
+    db = sqlite3.connect(tmp_path / "state" / "tasks.sqlite3")
+    base_us = time.time_ns() // 1000 - 10**7
+    db.executemany(
+        "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+        "VALUES (?, 'example', ?, x'', ?, 'pending', ?)",
+        [(tasktrain.format_id(base_us + i), json.dumps({"i": str(i)}), str(i), base_us + i)
+         for i in range(tasktrain.MAX_PENDING + 1)])
+    db.commit()
+    db.close()
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    resp = d.request("POST", "/task?name=example&new=1")
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) > 0
+    assert len(d.get("/tasks?format=json").json()) == tasktrain.MAX_PENDING + 1
+
+
+def test_unknown_task_id_and_path_are_404(daemon):
+    for path in ("/tasks/0123456789abc", "/tasks/xyz", "/nope", "/tasks/0123456789abc/log",
+                 "/tasks/"):
+        resp = daemon.get(path)
+        assert (resp.status, resp.text) == (404, "Not found\n"), path
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/task", "POST"),
+    ("POST", "/", "GET, HEAD"),
+    ("DELETE", "/tasks", "GET, HEAD"),
+    ("PUT", "/tasks/0123456789abc", "DELETE, GET, HEAD"),
+    ("POST", "/tasks/0123456789abc/log", "GET, HEAD"),
+])
+def test_wrong_method_on_known_path_is_405_with_allow(daemon, method, path, allow):
+    resp = daemon.request(method, path)
+    assert resp.status == 405 and resp.headers["Allow"] == allow
+
+
+def test_head_answers_headers_only(daemon):
+    resp = daemon.request("HEAD", "/tasks")
+    assert resp.status == 200 and resp.body == b""
+
+
+# ----------------------------------------------------------------------------
+# §3 JSON, logs, follow, cancel
+# ----------------------------------------------------------------------------
+
+def test_json_record_has_the_contract_fields(tmp_path, daemons):
+    add_script(tmp_path, "two", "a", "echo one\n")
+    add_script(tmp_path, "two", "b", "exit 3\n")
+    d = daemons()
+    task_id = d.submit("two", k="v")
+    task = d.wait_status(task_id)
+    assert set(task) == {"id", "name", "params", "status", "created", "started", "finished",
+                         "exit_code", "process", "position", "scripts", "output"}
+    assert task["params"] == {"k": "v"} and task["status"] == "failed" and task["exit_code"] == 3
+    assert task["process"] == [f"{d.scripts}/two/*", "--name=two", "--k=v"]
+    assert [(s["path"], s["exit_code"]) for s in task["scripts"]] == [
+        (f"{d.scripts}/two/a", 0), (f"{d.scripts}/two/b", 3)]
+    assert all(s["seconds"] >= 0 for s in task["scripts"])
+    assert task["output"].startswith(f"{d.scripts}/two/a --name=two --k=v\none\nexit code: 0\n")
+    for key in ("created", "started", "finished"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", task[key])
+    assert d.get(f"/tasks/{task_id}?format=json").json() == task
+
+
+def test_json_list_leaves_output_out_and_numbers_the_queue(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    ids = [d.submit("block", i=str(i)) for i in range(3)]
+    d.wait_status(ids[0], "running")
+    listed = d.get("/tasks", headers={"Accept": "application/json"}).json()
+    assert [t["id"] for t in listed] == ids[::-1]
+    assert [t["position"] for t in listed] == [2, 1, None]
+    assert all("output" not in t for t in listed)
+    assert d.task(ids[2])["position"] == 2
+    (tmp_path / "go").touch()
+
+
+def test_errors_are_json_when_json_was_asked_for(daemon):
+    resp = daemon.request("POST", "/task?name=x", headers={"Accept": "application/json"})
+    assert resp.status == 400 and resp.json() == {"error": "Bad or missing name parameter."}
+
+
+def test_text_list_gives_records_one_after_another(daemon):
+    ids = [daemon.submit("example", i=str(i)) for i in range(2)]
+    for task_id in ids:
+        daemon.wait_status(task_id)
+    text = daemon.get("/tasks?format=text").text
+    assert [m for m in re.findall(r"^ID:      (\w+)$", text, re.M)] == ids[::-1]
+    assert text.count("STATUS:  complete") == 2
+
+
+def test_log_is_the_raw_output(daemon):
+    task_id = daemon.submit("example", x="y")
+    daemon.wait_status(task_id)
+    assert daemon.log(task_id) == (f"{daemon.scripts}/example/args.sh --name=example --x=y\n"
+                                   "arg: --name=example\narg: --x=y\nexit code: 0\n\n")
+
+
+def test_follow_streams_output_before_the_task_ends(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO.block" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "talk", "run", 'echo first\nwhile [ ! -e "$GO" ]; do sleep 0.01; done\n'
+                                        'echo second\n')
+    go = tmp_path / "go"
+    d = daemons(env={"GO": str(go)})
+    d.submit("block")
+    task_id = d.submit("talk")
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
+    conn.request("GET", f"/tasks/{task_id}/log?follow=1")
+    resp = conn.getresponse()  # the task is still pending: the stream waits for it
+    assert resp.headers["Transfer-Encoding"] == "chunked"
+    (tmp_path / "go.block").touch()
+    streamed = b""
+    while b"first\n" not in streamed:
+        streamed += resp.read1(65536)
+    assert d.task(task_id)["status"] == "running"
+    go.touch()
+    streamed += resp.read()
+    conn.close()
+    assert streamed.decode() == d.log(task_id)
+    assert streamed.endswith(b"second\nexit code: 0\n\n")
+
+
+def test_cancel_pending_task_never_runs(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "mark", "run", 'touch "$GO.ran"\n')
+    go = tmp_path / "go"
+    d = daemons(env={"GO": str(go)})
+    blocker = d.submit("block")
+    victim = d.submit("mark")
+    resp = d.request("DELETE", f"/tasks/{victim}")
+    assert resp.status == 200 and record_fields(resp.text)["STATUS"] == "cancelled"
+    go.touch()
+    d.wait_status(blocker)
+    after = d.submit("mark", again="1")
+    d.wait_status(after)
+    assert d.task(victim)["status"] == "cancelled"
+    assert d.request("DELETE", f"/tasks/{victim}").status == 409
+
+
+def test_cancel_running_task_kills_its_whole_group(tmp_path, daemons):
+    add_script(tmp_path, "stubborn", "run",
+               "sh -c 'trap \"\" TERM; exec sleep 300' &\necho $! > \"$PIDS\"\nwait\n")
+    pids = tmp_path / "pids"
+    d = daemons("--grace", "0.5", env={"PIDS": str(pids)})
+    task_id = d.submit("stubborn")
+    wait_for(lambda: pids.exists() and pids.read_text().strip())
+    child = int(pids.read_text())
+    resp = d.request("DELETE", f"/tasks/{task_id}")
+    assert resp.status == 200
+    assert record_fields(resp.text)["STATUS"] == "cancelled"
+    wait_for(lambda: gone(child), message="the background child survived the cancel")
+    assert "cancelled" in d.log(task_id)
+    assert d.request("DELETE", f"/tasks/{task_id}").status == 409
+
+
+def test_timeout_kills_the_group_and_fails_the_task(tmp_path, daemons):
+    add_script(tmp_path, "hang", "run", "sleep 300 &\necho $! > \"$PIDS\"\nwait\n")
+    pids = tmp_path / "pids"
+    d = daemons("--timeout", "0.5", "--grace", "0.5", env={"PIDS": str(pids)})
+    task = d.wait_status(d.submit("hang"))
+    assert task["status"] == "failed"
+    assert "Timed out after 0.5 s." in task["output"]
+    assert gone(int(pids.read_text()))
+
+
+# ----------------------------------------------------------------------------
+# §4 Running tasks
+# ----------------------------------------------------------------------------
+
+def test_scripts_run_in_sorted_order_skipping_hidden_and_non_executable(tmp_path, daemons):
+    for name in ("b", "a", "10", "2"):
+        add_script(tmp_path, "order", name, f"echo {name} >> \"$OUT\"\n")
+    add_script(tmp_path, "order", ".hidden", 'echo hidden >> "$OUT"\n')
+    add_script(tmp_path, "order", "README", 'echo readme >> "$OUT"\n', mode=0o644)
+    (tmp_path / "scripts.d" / "order" / "subdir").mkdir()
+    os.symlink(tmp_path / "scripts.d" / "order" / "a", tmp_path / "scripts.d" / "order" / "c")
+    out = tmp_path / "out"
+    d = daemons(env={"OUT": str(out)})
+    assert d.wait_status(d.submit("order"))["status"] == "complete"
+    assert out.read_text().split() == ["10", "2", "a", "b", "a"]
+
+
+def test_first_failure_fails_the_task_and_runs_no_more(tmp_path, daemons):
+    add_script(tmp_path, "fail", "1", "echo one\n")
+    add_script(tmp_path, "fail", "2", "echo two; exit 7\n")
+    add_script(tmp_path, "fail", "3", "echo three\n")
+    d = daemons()
+    task = d.wait_status(d.submit("fail"))
+    assert task["status"] == "failed" and task["exit_code"] == 7
+    assert "two\nexit code: 7\n\n" in task["output"] and "three" not in task["output"]
+
+
+@pytest.mark.parametrize("payload", [
+    "$(touch pwned)", "`touch pwned`", "; touch pwned", "' ; touch pwned; '",
+    '" && touch pwned "', "a\ntouch pwned", "| touch pwned", "$HOME",
+])
+def test_params_reach_scripts_as_literal_text(tmp_path, daemons, payload):
+    add_script(tmp_path, "echo", "run", 'printf "%s" "$2" > "$OUT"\n')
+    out = tmp_path / "out"
+    d = daemons(env={"OUT": str(out)})
+    assert d.wait_status(d.submit("echo", p=payload))["status"] == "complete"
+    assert out.read_text() == "--p=" + payload
+    assert not list(tmp_path.rglob("pwned"))
+
+
+def test_environment_working_directory_and_no_secrets(tmp_path, daemons):
+    add_script(tmp_path, "env", "run", 'pwd; echo "$TASKTRAIN_TASK_ID $TASKTRAIN_TASK_NAME"; '
+                                       'echo "token=${TASKTRAIN_TOKEN-unset} '
+                                       'secret=${TASKTRAIN_SECRET-unset} keep=$KEEP_ME"\n')
+    d = daemons(env={"TASKTRAIN_TOKEN": "tok", "TASKTRAIN_SECRET": "sec", "KEEP_ME": "yes"})
+    task_id = d.submit("env", headers={"Authorization": "Bearer tok"})
+    task = d.get(f"/tasks/{task_id}?format=json", headers={"Authorization": "Bearer tok"})
+    wait_for(lambda: d.get(f"/tasks/{task_id}/log", headers={"Authorization": "Bearer tok"})
+             .text.endswith("exit code: 0\n\n"))
+    output = d.get(f"/tasks/{task_id}/log", headers={"Authorization": "Bearer tok"}).text
+    assert f"{tmp_path}/scripts.d/env\n{task_id} env\n" in output
+    assert "token=unset secret=unset keep=yes" in output
+    assert task.status == 200
+
+
+def test_body_is_fed_to_every_script_on_stdin(tmp_path, daemons):
+    add_script(tmp_path, "stdin", "1", "cat\n")
+    add_script(tmp_path, "stdin", "2", "cat\n")
+    add_script(tmp_path, "plain", "1", "cat; echo end\n")
+    d = daemons()
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    task = d.wait_status(d.submit("stdin", body=body,
+                                  headers={"Content-Type": "application/json"}))
+    assert task["output"].count(body.decode()) == 2
+    task = d.wait_status(d.submit("plain"))
+    assert "\nend\n" in task["output"]
+
+
+def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
+    add_script(tmp_path, "seq", "run", 'echo "start $2" >> "$OUT"; sleep 0.05; echo "end $2" >> "$OUT"\n')
+    add_script(tmp_path, "other", "run", 'echo "start $2" >> "$OUT"; echo "end $2" >> "$OUT"\n')
+    out = tmp_path / "out"
+    d = daemons(env={"OUT": str(out)})
+    ids = [d.submit("seq" if i % 2 else "other", i=str(i)) for i in range(6)]
+    d.wait_status(ids[-1])
+    expected = []
+    for i in range(6):
+        expected += [f"start --i={i}", f"end --i={i}"]
+    assert out.read_text().splitlines() == expected
+
+
+def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    script = add_script(tmp_path, "doomed", "run", "exit 0\n")
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    d.submit("block")
+    doomed = d.submit("doomed")
+    script.unlink()
+    script.parent.rmdir()
+    (tmp_path / "go").touch()
+    task = d.wait_status(doomed)
+    assert task["status"] == "failed" and task["exit_code"] == 2
+    assert task["output"] == "Missing scripts for this task name.\n"
+
+
+def test_output_reaches_disk_as_it_comes(tmp_path, daemons):
+    add_script(tmp_path, "talk", "run", 'echo early\nwhile [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    task_id = d.submit("talk")
+    wait_for(lambda: "early\n" in record_fields(d.get(f"/tasks/{task_id}").text)["RESULTS"])
+    assert d.task(task_id)["status"] == "running"
+    (tmp_path / "go").touch()
+
+
+def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", 'echo ran >> "$RUNS"\nsleep 300\n')
+    add_script(tmp_path, "quick", "run", 'echo "$2" >> "$OUT"\n')
+    env = {"OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs")}
+    d = daemons(env=env)
+    slow = d.submit("slow")
+    queued = [d.submit("quick", n=str(i)) for i in range(5)]
+    wait_for(lambda: (tmp_path / "runs").exists())
+    d.proc.kill()
+    d.proc.wait()
+    d = daemons(env=env)
+    for task_id in queued:
+        d.wait_status(task_id)
+    task = d.task(slow)
+    assert task["status"] == "failed"
+    assert "stopped while this task was running" in task["output"]
+    assert (tmp_path / "out").read_text().split() == [f"--n={i}" for i in range(5)]
+    assert (tmp_path / "runs").read_text() == "ran\n"
+
+
+def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daemons):
+    add_script(tmp_path, "example", "run", "echo hi\n")
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    d = daemons("--keep", "2", env={"GO": str(tmp_path / "go")})
+    done = [d.submit("example", i=str(i)) for i in range(4)]
+    d.wait_status(done[-1])
+    blocker = d.submit("block")
+    waiting = [d.submit("example", w=str(i)) for i in range(3)]
+    kept = [t["id"] for t in d.get("/tasks?format=json").json()]
+    assert kept == waiting[::-1] + [blocker] + done[:1:-1]
+    assert d.get(f"/tasks/{done[0]}").status == 404
+    assert sorted(os.listdir(tmp_path / "state" / "logs")) == sorted(
+        f"{i}.log" for i in done[2:] + [blocker])
+    (tmp_path / "go").touch()
+    d.wait_status(waiting[-1])
+
+
+# ----------------------------------------------------------------------------
+# §5 The web page
+# ----------------------------------------------------------------------------
+
+XSS = '<script>alert("x")</script>'
+
+
+def test_list_page_keeps_the_original_shape_and_escapes_everything(daemon):
+    task_id = daemon.submit("example", evil=XSS)
+    daemon.wait_status(task_id)
+    page = daemon.get("/tasks")
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<title>Task Train</title>" in page.text
+    assert "<p>0 pending task(s).</p>" in page.text
+    assert f'<div class="complete">\n<p>ID: <a href="tasks/{task_id}">{task_id}</a><br />' in page.text
+    assert "Name: example<br />" in page.text and "Status: complete<br />" in page.text
+    assert XSS not in page.text and "&lt;script&gt;" in page.text
+    assert "color: #8B0000" in page.text and "background: yellow" in page.text
+    assert 'http-equiv="refresh"' not in page.text
+
+
+def test_list_page_refreshes_while_work_is_left(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    first = d.submit("block")
+    d.submit("block", again="1")
+    d.wait_status(first, "running")
+    page = d.get("/tasks").text
+    assert 'http-equiv="refresh"' in page and "<p>1 pending task(s).</p>" in page
+    assert '<div class="running">' in page and '<div class="pending">' in page
+    (tmp_path / "go").touch()
+
+
+def test_browser_gets_a_live_page_and_curl_the_record(tmp_path, daemons):
+    add_script(tmp_path, "talk", "run", f"echo '{XSS}'\nwhile [ ! -e \"$GO\" ]; do sleep 0.01; done\n")
+    d = daemons(env={"GO": str(tmp_path / "go")})
+    task_id = d.submit("talk")
+    wait_for(lambda: XSS in d.log(task_id))
+    page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html,application/xhtml+xml,*/*"})
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert XSS not in page.text and "&lt;script&gt;alert" in page.text
+    assert f'"{task_id}/log?follow=1"' in page.text and 'href="../tasks"' in page.text
+    assert d.get(f"/tasks/{task_id}", headers={"Accept": "*/*"}).text.startswith("ID:      ")
+    (tmp_path / "go").touch()
+    d.wait_status(task_id)
+    assert "follow=1" not in d.get(f"/tasks/{task_id}?format=html").text
+
+
+# ----------------------------------------------------------------------------
+# §6 Security and bad input
+# ----------------------------------------------------------------------------
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize("authorization, status", [
+    (None, 401), ("Bearer s3cret", 200), ("Bearer wrong", 401), ("bearer s3cret", 200),
+    (basic("anyone", "s3cret"), 200), (basic("anyone", "wrong"), 401), ("Basic !!!", 401),
+    ("s3cret", 401),
+])
+def test_token_guards_every_request_but_home(tmp_path, daemons, authorization, status):
+    d = daemons("--token", "s3cret")
+    headers = {"Authorization": authorization} if authorization else {}
+    resp = d.get("/tasks", headers=headers)
+    assert resp.status == status
+    if status == 401:
+        assert resp.headers["WWW-Authenticate"] == 'Basic realm="Task Train"'
+    assert d.get("/").status == 200
+    assert "s3cret" not in d.stderr()
+
+
+def test_token_from_environment_guards_submissions(tmp_path, daemons):
+    add_script(tmp_path, "example", "run", "exit 0\n")
+    d = daemons(env={"TASKTRAIN_TOKEN": "envtok"})
+    assert d.request("POST", "/task?name=example").status == 401
+    assert d.request("POST", "/task?name=example",
+                     headers={"Authorization": "Bearer envtok"}).status == 201
+
+
+GITHUB_SECRET = "It's a Secret to Everybody"
+GITHUB_BODY = b"Hello, World!"
+GITHUB_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+
+
+def test_github_published_test_vector_is_accepted(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", "cat\n")
+    d = daemons("--secret", GITHUB_SECRET)
+    headers = {"X-Hub-Signature-256": GITHUB_SIGNATURE, "Content-Type": "application/json"}
+    task_id = d.submit("hook", body=GITHUB_BODY, headers=headers)
+    assert "Hello, World!" in d.wait_status(task_id)["output"]
+
+
+def sign(body, secret="hush"):
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+BODY = b'{"ref": "refs/heads/main"}'
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401),
+    ({"X-Hub-Signature-256": "sha256=" + sign(BODY)}, 201),
+    ({"X-Hub-Signature-256": "sha256=" + sign(BODY, "other")}, 401),
+    ({"X-Hub-Signature-256": sign(BODY)}, 401),
+    ({"X-Gitea-Signature": sign(BODY)}, 201),
+    ({"X-Gitea-Signature": sign(b"tampered")}, 401),
+    ({"X-Gitlab-Token": "hush"}, 201),
+    ({"X-Gitlab-Token": "nope"}, 401),
+])
+def test_secret_requires_a_webhook_signature(tmp_path, daemons, headers, status):
+    add_script(tmp_path, "hook", "run", "cat\n")
+    d = daemons("--secret", "hush")
+    resp = d.request("POST", "/task?name=hook", body=BODY,
+                     headers={"Content-Type": "application/json", **headers})
+    assert resp.status == status, resp.text
+    assert len(d.get("/tasks?format=json").json()) == (status == 201)
+
+
+def test_secrets_never_appear_in_logs_records_or_pages(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", "env\n")
+    d = daemons("--token", "tok-XYZ", "--secret", "sec-XYZ")
+    auth = {"Authorization": "Bearer tok-XYZ"}
+    task_id = d.submit("hook", headers=auth)
+    wait_for(lambda: "exit code" in d.get(f"/tasks/{task_id}/log", headers=auth).text)
+    seen = [d.get(p, headers=auth).text for p in
+            ("/tasks", f"/tasks/{task_id}", "/tasks?format=json", f"/tasks/{task_id}/log")]
+    assert not any("XYZ" in text for text in seen + [d.stderr()])
+
+
+def test_body_over_1_mib_is_413_before_it_is_read(daemon):
+    start = time.monotonic()
+    answer = raw_exchange(daemon.port, b"POST /task?name=example HTTP/1.1\r\nHost: x\r\n"
+                                       b"Content-Type: application/json\r\n"
+                                       b"Content-Length: 2000000\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert time.monotonic() - start < 2
+    assert daemon.get("/tasks?format=json").json() == []
+
+
+def test_body_up_to_1_mib_is_accepted(tmp_path, daemons):
+    add_script(tmp_path, "big", "run", "wc -c\n")
+    d = daemons()
+    body = b"x" * tasktrain.MAX_BODY_BYTES
+    task = d.wait_status(d.submit("big", body=body, headers={"Content-Type": "text/plain"}))
+    assert f"{len(body)}" in task["output"]
+
+
+MALFORMED = [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"GET / FOO/1.1\r\n\r\n", 400),
+    (b"GET /\r\n\r\n", 400),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"POST /task?name=example HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /task?name=example HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /task?name=example HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"POST /task?name=ex\xc3ample HTTP/1.1\r\n\r\n", 400),
+    (b"POST /task?name=example&k=%C3 HTTP/1.1\r\n\r\n", 400),
+    (b"POST /task?name=example&k=%G1 HTTP/1.1\r\n\r\n", 400),
+    (b"BREW /tasks HTTP/1.1\r\n\r\n", 501),
+]
+
+
+@pytest.mark.parametrize("raw, status", MALFORMED)
+def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(daemon, raw, status):
+    answer = raw_exchange(daemon.port, raw)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), answer[:200]
+    assert b"charset=utf-8" in head and b"X-Req-Count" in head
+    assert body.count(b"\n") == 1
+    assert daemon.get("/").status == 200
+    assert daemon.get("/tasks?format=json").json() == []
+
+
+def test_stalled_clients_do_not_hold_up_anyone(daemon):
+    stalled = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", daemon.port))
+        s.sendall(b"POST /task?name=example HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+        stalled.append(s)
+    try:
+        start = time.monotonic()
+        assert daemon.get("/").status == 200
+        assert daemon.submit("example")
+        assert time.monotonic() - start < 2
+    finally:
+        for s in stalled:
+            s.close()
