@@ -1208,7 +1208,7 @@ def main(argv=None):
     stop_signals, _ = signal_socket = catch_stop_signals()
     runner.start()
     # The poll interval bounds how long a stop waits for the accept loop to notice.
-    serving = threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True)
+    serving = threading.Thread(target=server.serve_forever, args=(0.05,), name="http", daemon=True)
     serving.start()
 
     host, port = server.server_address[:2]

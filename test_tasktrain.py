@@ -183,10 +183,24 @@ def daemons(tmp_path):
         daemon.stop()
 
 
+ARGS_SCRIPT = 'for a; do echo "arg: $a"; done\n'
+
+
 @pytest.fixture
 def daemon(tmp_path, daemons):
-    add_script(tmp_path, "example", "args.sh", 'for a; do echo "arg: $a"; done\n')
+    add_script(tmp_path, "example", "args.sh", ARGS_SCRIPT)
     return daemons()
+
+
+@pytest.fixture(scope="module")
+def idle_daemon(tmp_path_factory):
+    """One daemon shared by the table tests that must store nothing; each checks it."""
+    root = tmp_path_factory.mktemp("idle")
+    add_script(root, "example", "args.sh", ARGS_SCRIPT)
+    d = Daemon(root)
+    yield d
+    assert d.get("/tasks?format=json").json() == []
+    d.stop()
 
 
 # ----------------------------------------------------------------------------
@@ -325,8 +339,8 @@ def test_results_hold_command_stdout_stderr_and_exit_code(tmp_path, daemons):
 # §3 HTTP API
 # ----------------------------------------------------------------------------
 
-def test_home_says_it_is_running(daemon):
-    resp = daemon.get("/")
+def test_home_says_it_is_running(idle_daemon):
+    resp = idle_daemon.get("/")
     assert (resp.status, resp.body) == (200, b"Task Manager is running!")
 
 
@@ -334,17 +348,17 @@ def test_home_says_it_is_running(daemon):
     ("GET", "/"), ("GET", "/tasks"), ("GET", "/nope"), ("POST", "/task?name=x"),
     ("PUT", "/tasks"), ("GET", "/tasks?format=json"),
 ])
-def test_every_response_has_length_charset_and_request_count(daemon, method, path):
-    first = daemon.request(method, path)
-    second = daemon.request(method, path)
+def test_every_response_has_length_charset_and_request_count(idle_daemon, method, path):
+    first = idle_daemon.request(method, path)
+    second = idle_daemon.request(method, path)
     for resp in (first, second):
         assert "charset=utf-8" in resp.headers["Content-Type"]
         assert resp.headers["Content-Length"] == str(len(resp.body))
     assert int(second.headers["X-Req-Count"]) == int(first.headers["X-Req-Count"]) + 1
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(daemon):
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=DEADLINE_S)
+def test_keep_alive_serves_many_requests_on_one_connection(idle_daemon):
+    conn = http.client.HTTPConnection("127.0.0.1", idle_daemon.port, timeout=DEADLINE_S)
     for _ in range(5):
         conn.request("GET", "/")
         resp = conn.getresponse()
@@ -364,10 +378,10 @@ def test_submit_answers_201_with_record_and_location(daemon):
     "", "name=", "name=ab", "name=Example", "name=a" * 1 + "b" * 24, "name=ex%20ample",
     "name=../etc", "name=ex.ample", "other=1",
 ])
-def test_bad_or_missing_name_is_400_and_queues_nothing(daemon, query):
-    resp = daemon.request("POST", "/task?" + query)
+def test_bad_or_missing_name_is_400_and_queues_nothing(idle_daemon, query):
+    resp = idle_daemon.request("POST", "/task?" + query)
     assert (resp.status, resp.text) == (400, "Bad or missing name parameter.\n")
-    assert daemon.get("/tasks?format=json").json() == []
+    assert idle_daemon.get("/tasks?format=json").json() == []
 
 
 def test_unknown_task_or_folder_without_executables_is_404(tmp_path, daemon):
@@ -390,11 +404,11 @@ def test_unknown_task_or_folder_without_executables_is_404(tmp_path, daemon):
     ("v=%ff%fe", "UTF-8"),
     ("&".join(f"k{i}=v" for i in range(101)), "Too many parameters"),
 ])
-def test_bad_params_are_400_naming_the_problem(daemon, query, reason):
-    resp = daemon.request("POST", "/task?name=example&" + query)
+def test_bad_params_are_400_naming_the_problem(idle_daemon, query, reason):
+    resp = idle_daemon.request("POST", "/task?name=example&" + query)
     assert resp.status == 400 and reason in resp.text
     assert resp.text.count("\n") == 1
-    assert daemon.get("/tasks?format=json").json() == []
+    assert idle_daemon.get("/tasks?format=json").json() == []
 
 
 def test_limits_accept_the_largest_valid_params(daemon):
@@ -448,10 +462,10 @@ def test_more_than_10000_pending_is_503_with_retry_after(tmp_path, daemons):
     assert len(d.get("/tasks?format=json").json()) == tasktrain.MAX_PENDING + 1
 
 
-def test_unknown_task_id_and_path_are_404(daemon):
+def test_unknown_task_id_and_path_are_404(idle_daemon):
     for path in ("/tasks/0123456789abc", "/tasks/xyz", "/nope", "/tasks/0123456789abc/log",
                  "/tasks/"):
-        resp = daemon.get(path)
+        resp = idle_daemon.get(path)
         assert (resp.status, resp.text) == (404, "Not found\n"), path
 
 
@@ -462,13 +476,13 @@ def test_unknown_task_id_and_path_are_404(daemon):
     ("PUT", "/tasks/0123456789abc", "DELETE, GET, HEAD"),
     ("POST", "/tasks/0123456789abc/log", "GET, HEAD"),
 ])
-def test_wrong_method_on_known_path_is_405_with_allow(daemon, method, path, allow):
-    resp = daemon.request(method, path)
+def test_wrong_method_on_known_path_is_405_with_allow(idle_daemon, method, path, allow):
+    resp = idle_daemon.request(method, path)
     assert resp.status == 405 and resp.headers["Allow"] == allow
 
 
-def test_head_answers_headers_only(daemon):
-    resp = daemon.request("HEAD", "/tasks")
+def test_head_answers_headers_only(idle_daemon):
+    resp = idle_daemon.request("HEAD", "/tasks")
     assert resp.status == 200 and resp.body == b""
 
 
@@ -508,8 +522,8 @@ def test_json_list_leaves_output_out_and_numbers_the_queue(tmp_path, daemons):
     (tmp_path / "go").touch()
 
 
-def test_errors_are_json_when_json_was_asked_for(daemon):
-    resp = daemon.request("POST", "/task?name=x", headers={"Accept": "application/json"})
+def test_errors_are_json_when_json_was_asked_for(idle_daemon):
+    resp = idle_daemon.request("POST", "/task?name=x", headers={"Accept": "application/json"})
     assert resp.status == 400 and resp.json() == {"error": "Bad or missing name parameter."}
 
 
@@ -867,14 +881,14 @@ def test_secrets_never_appear_in_logs_records_or_pages(tmp_path, daemons):
     assert not any("XYZ" in text for text in seen + [d.stderr()])
 
 
-def test_body_over_1_mib_is_413_before_it_is_read(daemon):
+def test_body_over_1_mib_is_413_before_it_is_read(idle_daemon):
     start = time.monotonic()
-    answer = raw_exchange(daemon.port, b"POST /task?name=example HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_exchange(idle_daemon.port, b"POST /task?name=example HTTP/1.1\r\nHost: x\r\n"
                                        b"Content-Type: application/json\r\n"
                                        b"Content-Length: 2000000\r\n\r\n{")
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert time.monotonic() - start < 2
-    assert daemon.get("/tasks?format=json").json() == []
+    assert idle_daemon.get("/tasks?format=json").json() == []
 
 
 def test_body_up_to_1_mib_is_accepted(tmp_path, daemons):
@@ -904,14 +918,14 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("raw, status", MALFORMED)
-def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(daemon, raw, status):
-    answer = raw_exchange(daemon.port, raw)
+def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(idle_daemon, raw, status):
+    answer = raw_exchange(idle_daemon.port, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == str(status).encode(), answer[:200]
     assert b"charset=utf-8" in head and b"X-Req-Count" in head
     assert body.count(b"\n") == 1
-    assert daemon.get("/").status == 200
-    assert daemon.get("/tasks?format=json").json() == []
+    assert idle_daemon.get("/").status == 200
+    assert idle_daemon.get("/tasks?format=json").json() == []
 
 
 def test_stalled_clients_do_not_hold_up_anyone(daemon):
