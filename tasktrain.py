@@ -22,6 +22,7 @@ __all__ = ["TaskStore", "Runner", "TaskTrainServer", "Handler", "main"]
 
 import argparse
 import base64
+import bisect
 import codecs
 import dataclasses
 import hashlib
@@ -155,7 +156,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     name        TEXT NOT NULL,
     params      TEXT NOT NULL,      -- JSON object, keys in submission order
     body        BLOB NOT NULL,      -- fed to every script on stdin
-    fingerprint TEXT NOT NULL,      -- finds an identical pending task
+    fingerprint TEXT NOT NULL,      -- sha256 of name, params and body: finds an identical pending task
     status      TEXT NOT NULL,
     created_us  INTEGER NOT NULL,
     started_us  INTEGER,
@@ -164,8 +165,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     scripts     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
-CREATE INDEX IF NOT EXISTS pending_by_fingerprint ON tasks (fingerprint)
-    WHERE status = 'pending';
 """
 COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
            "exit_code, scripts")
@@ -178,43 +177,59 @@ class TaskStore:
         self.keep = keep
         self.log_dir = os.path.join(state_dir, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
-        db = sqlite3.connect(os.path.join(state_dir, "tasks.sqlite3"),
-                             isolation_level=None, check_same_thread=False)
-        # WAL with synchronous=FULL fsyncs the log at every commit, so a committed
-        # task survives a power cut, and readers never wait for the writer.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        path = os.path.join(state_dir, "tasks.sqlite3")
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.executescript(SCHEMA)
-        # Hold _lock whenever touching _db, _last_us, _pending or _finished: the
-        # counters always equal what the table holds.
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+            # Commits only write the WAL; _sync() fsyncs it outside the lock before any
+            # answer or script start depends on it, so one fsync covers every commit
+            # written before it and submitters never queue behind each other's disk.
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._wal_fd = os.open(path + "-wal", os.O_RDONLY | os.O_CREAT, 0o644)
+        else:  # a file system without shared memory: SQLite syncs every commit itself
+            db.execute("PRAGMA synchronous=FULL")
+            self._wal_fd = None
+        # Hold _lock whenever touching _db or the fields below. _pending holds the ids
+        # of pending tasks in submission order and _pending_fingerprints maps their
+        # fingerprints to them; both always agree with the table, as _finished does.
         self._lock = threading.Lock()
         self._db = db
+        self._commits = 0       # commits written to the WAL
+        self._synced = 0        # commits known to be on disk
         with self._lock:
-            self._recover_running()
+            now = time.time_ns() // 1000
+            crashed = [r[0] for r in db.execute("SELECT id FROM tasks WHERE status = 'running'")]
+            db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
+                       "WHERE status = 'running'", (now,))
+            ticket = self._committed()
             last = db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
-            self._pending = self._count("status = 'pending'")
-            self._finished = self._count("status IN ('complete', 'failed', 'cancelled')")
+            pending = db.execute(
+                "SELECT id, fingerprint FROM tasks WHERE status = 'pending' ORDER BY id").fetchall()
+            self._pending = [task_id for task_id, _ in pending]
+            self._pending_fingerprints = {fp: task_id for task_id, fp in pending}
+            self._finished = db.execute(
+                "SELECT count(*) FROM tasks WHERE status IN ('complete', 'failed', 'cancelled')"
+            ).fetchone()[0]
+        self._sync(ticket)
+        for task_id in crashed:
+            append_line(self.log_path(task_id), RESTARTED)
 
     def close(self):
         with self._lock:
             self._db.close()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
 
     def log_path(self, task_id):
         return os.path.join(self.log_dir, task_id + ".log")
 
     # -- helpers that expect _lock held --
 
-    def _count(self, where):
-        return self._db.execute(f"SELECT count(*) FROM tasks WHERE {where}").fetchone()[0]
-
-    def _recover_running(self):
-        """Fail the tasks a dead daemon left running; they never run again by themselves."""
-        now = time.time_ns() // 1000
-        for (task_id,) in self._db.execute("SELECT id FROM tasks WHERE status = 'running'").fetchall():
-            append_line(self.log_path(task_id), RESTARTED)
-            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ? WHERE id = ?",
-                             (now, task_id))
+    def _committed(self):
+        """Count a commit just written; returns the ticket that _sync waits for."""
+        self._commits += 1
+        return self._commits
 
     def _next_us(self):
         """The clock in microseconds, bumped so that ids never repeat and always increase."""
@@ -224,23 +239,53 @@ class TaskStore:
     def _row(self, task_id, columns=COLUMNS):
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
+    def _forget_pending(self, task_id):
+        """Take a task off the pending mirrors."""
+        del self._pending[bisect.bisect_left(self._pending, task_id)]
+        fingerprint = self._row(task_id, "fingerprint")[0]
+        del self._pending_fingerprints[fingerprint]
+
+    def _claim_next(self):
+        """Mark the oldest pending task running (uncommitted); None if none waits."""
+        if not self._pending:
+            return None
+        task_id = self._pending[0]
+        self._forget_pending(task_id)
+        self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
+                         (time.time_ns() // 1000, task_id))
+        task = task_from_row(self._row(task_id))
+        return dataclasses.replace(task, body=self._row(task_id, "body")[0])
+
     def _prune(self):
-        """Delete the oldest finished tasks and their logs beyond `keep`."""
+        """Delete the oldest finished tasks beyond `keep`; returns their ids."""
         extra = self._finished - self.keep
         if extra <= 0:
-            return
+            return []
         old = [r[0] for r in self._db.execute(
             "SELECT id FROM tasks WHERE status IN ('complete', 'failed', 'cancelled') "
             "ORDER BY id LIMIT ?", (extra,))]
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
         self._finished -= len(old)
-        for task_id in old:
+        return old
+
+    # -- the API; each call takes _lock, and does disk work outside it --
+
+    def _sync(self, ticket):
+        """Return once commit `ticket` is on disk; a concurrent fsync may already have done it."""
+        with self._lock:
+            if self._wal_fd is None or self._synced >= ticket:
+                return
+            written = self._commits
+        os.fsync(self._wal_fd)
+        with self._lock:
+            self._synced = max(self._synced, written)
+
+    def _delete_logs(self, task_ids):
+        for task_id in task_ids:
             try:
                 os.unlink(self.log_path(task_id))
             except FileNotFoundError:
                 pass
-
-    # -- the API; each call takes _lock --
 
     def submit(self, name, params, body=b""):
         """Commit a new pending task, or find an identical one; returns (task, is_new)."""
@@ -248,12 +293,10 @@ class TaskStore:
         fingerprint = hashlib.sha256(
             b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
         with self._lock:
-            same = self._db.execute(
-                "SELECT id FROM tasks WHERE fingerprint = ? AND status = 'pending'",
-                (fingerprint,)).fetchone()
+            same = self._pending_fingerprints.get(fingerprint)
             if same:
-                return task_from_row(self._row(same[0])), False
-            if self._pending >= MAX_PENDING:
+                return task_from_row(self._row(same)), False
+            if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
             task = Task(format_id(us), name, dict(params), "pending", us, body=body)
@@ -261,7 +304,13 @@ class TaskStore:
                 "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
                 "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                 (task.id, name, params_json, body, fingerprint, us))
-            self._pending += 1
+            self._pending.append(task.id)
+            self._pending_fingerprints[fingerprint] = task.id
+            ticket = self._committed()
+        # Every task has a log from its submission on, so that the runner does not
+        # pay for creating it between the claim and the first script.
+        open(self.log_path(task.id), "ab").close()
+        self._sync(ticket)
         return task, True
 
     def get(self, task_id):
@@ -284,56 +333,68 @@ class TaskStore:
 
     def pending_count(self):
         with self._lock:
-            return self._pending
+            return len(self._pending)
 
     def position(self, task_id):
-        """Place in the queue of a pending task: 1 runs next."""
+        """Place in the queue of a pending task (1 runs next), or None."""
         with self._lock:
-            return self._count(f"status = 'pending' AND id <= '{task_id}'")
+            i = bisect.bisect_left(self._pending, task_id)
+            return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
 
     def claim_next(self):
-        """Mark the oldest pending task running, committed to disk; None if none waits."""
+        """Mark the oldest pending task running, on disk; None if none waits."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, body FROM tasks WHERE status = 'pending' ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
-                             (time.time_ns() // 1000, row[0]))
-            self._pending -= 1
-            return dataclasses.replace(task_from_row(self._row(row[0])), body=row[1])
+            task = self._claim_next()
+            ticket = self._committed() if task else 0
+        self._sync(ticket)
+        return task
 
     def record_scripts(self, task_id, runs):
         """Save the scripts run so far by a running task."""
         with self._lock:
             self._db.execute("UPDATE tasks SET scripts = ? WHERE id = ?",
                              (json.dumps(runs), task_id))
+            self._committed()
 
-    def finish(self, task_id, status, exit_code, runs):
-        """Record how a running task ended, then prune old tasks."""
+    def finish(self, task_id, status, exit_code, runs, claim_next=False):
+        """Record how a running task ended and prune; with claim_next, claim the next
+        task in the same commit and return it."""
         with self._lock:
-            self._db.execute(
-                "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
-                "WHERE id = ?",
-                (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
-            self._finished += 1
-            self._prune()
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
+                    "WHERE id = ?",
+                    (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
+                self._finished += 1
+                pruned = self._prune()
+                task = self._claim_next() if claim_next else None
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            ticket = self._committed()
+        self._sync(ticket)
+        self._delete_logs(pruned)
+        return task
 
     def cancel_pending(self, task_id):
         """Cancel a task if it is still pending; returns its status afterwards, or None."""
         with self._lock:
-            changed = self._db.execute(
-                "UPDATE tasks SET status = 'cancelled', finished_us = ? "
-                "WHERE id = ? AND status = 'pending'",
-                (time.time_ns() // 1000, task_id)).rowcount
-            if changed:
-                self._pending -= 1
-                self._finished += 1
-                self._prune()
             row = self._row(task_id, "status")
-        if changed:
-            append_line(self.log_path(task_id), CANCELLED.split(":")[0] + ": it never ran.")
-        return row[0] if row else None
+            if row and row[0] == "pending":
+                self._forget_pending(task_id)
+                self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ? "
+                                 "WHERE id = ?", (time.time_ns() // 1000, task_id))
+                self._finished += 1
+                pruned = self._prune()
+                ticket = self._committed()
+            else:
+                return row[0] if row else None
+        self._sync(ticket)
+        self._delete_logs(pruned)
+        append_line(self.log_path(task_id), "Task cancelled by request: it never ran.")
+        return "cancelled"
 
 
 def task_from_row(row):
@@ -423,20 +484,27 @@ class Runner:
         signal_group(pgid, signal.SIGKILL)
 
     def _loop(self):
-        while self.wakeups.get() is not None and not self._shutdown:
-            task = self.store.claim_next()
+        task = None
+        while True:
             if task is None:
-                continue  # it was cancelled while pending
+                if self.wakeups.get() is None or self._shutdown:
+                    return
+                task = self.store.claim_next()  # None: it was cancelled while pending
+                continue
             try:
-                self._run(task)
+                status, exit_code, runs = self._run(task)
             except Exception:
                 log.exception("task %s: the runner failed", task.id)
-                self.store.finish(task.id, "failed", None, [])
+                status, exit_code, runs = "failed", None, []
             self._stop_requests.pop(task.id, None)
+            # Finishing this task and claiming the next share one commit and one fsync.
+            task = self.store.finish(task.id, status, exit_code, runs,
+                                     claim_next=not self._shutdown)
             with self._task_finished:
                 self._task_finished.notify_all()
 
     def _run(self, task):
+        """Run a claimed task's scripts; returns (status, exit code, script runs)."""
         folder = os.path.join(self.scripts_dir, task.name)
         label = os.path.join(self.scripts_label, task.name)
         env = dict(self.env, TASKTRAIN_TASK_ID=task.id, TASKTRAIN_TASK_NAME=task.name)
@@ -472,7 +540,7 @@ class Runner:
             if reason:
                 status = reason[0]
                 out.write(reason[1].encode() + b"\n")
-        self.store.finish(task.id, status, exit_code, runs)
+        return status, exit_code, runs
 
     def _run_script(self, task, argv, folder, env, stdin, out):
         """Run one script in its own process group; returns (exit code, seconds)."""
