@@ -73,6 +73,8 @@ COPY_CHUNK_BYTES = 1024 * 1024
 HTML_TAIL_BYTES = 256 * 1024
 LIST_REFRESH_S = 3
 
+# fdatasync skips the inode's times, as SQLite does; macOS has only fsync.
+SYNC_DATA = getattr(os, "fdatasync", os.fsync)
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -131,23 +133,25 @@ def parse_id(task_id):
     return int(task_id[:8], 16) * 1_000_000 + int(task_id[8:], 16)
 
 
-def list_scripts(folder):
+def list_scripts(folder, first_only=False):
     """The task's scripts: non-hidden regular files (or links to them) with an exec bit, sorted."""
+    scripts = []
     try:
-        names = sorted(os.listdir(folder))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if (not entry.name.startswith(".") and entry.is_file()
+                        and os.access(entry.path, os.X_OK)):
+                    scripts.append(entry.path)
+                    if first_only:
+                        break
     except OSError:
         return []
-    scripts = []
-    for name in names:
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not os.access(path, os.X_OK):
-            continue
-        try:
-            if stat.S_ISREG(os.stat(path).st_mode):
-                scripts.append(path)
-        except OSError:
-            continue
-    return scripts
+    return sorted(scripts)
+
+
+def has_scripts(folder):
+    """Whether the task folder holds at least one script."""
+    return bool(list_scripts(folder, first_only=True))
 
 
 SCHEMA = """
@@ -196,6 +200,8 @@ class TaskStore:
         self._db = db
         self._commits = 0       # commits written to the WAL
         self._synced = 0        # commits known to be on disk
+        self._syncing = False   # a thread is in fsync for the others
+        self._synced_changed = threading.Condition(self._lock)
         with self._lock:
             now = time.time_ns() // 1000
             crashed = [r[0] for r in db.execute("SELECT id FROM tasks WHERE status = 'running'")]
@@ -239,22 +245,22 @@ class TaskStore:
     def _row(self, task_id, columns=COLUMNS):
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
-    def _forget_pending(self, task_id):
+    def _forget_pending(self, task_id, fingerprint):
         """Take a task off the pending mirrors."""
         del self._pending[bisect.bisect_left(self._pending, task_id)]
-        fingerprint = self._row(task_id, "fingerprint")[0]
         del self._pending_fingerprints[fingerprint]
 
     def _claim_next(self):
         """Mark the oldest pending task running (uncommitted); None if none waits."""
         if not self._pending:
             return None
-        task_id = self._pending[0]
-        self._forget_pending(task_id)
+        *row, body, fingerprint = self._row(self._pending[0], COLUMNS + ", body, fingerprint")
+        task = task_from_row(row)
+        self._forget_pending(task.id, fingerprint)
+        started_us = time.time_ns() // 1000
         self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
-                         (time.time_ns() // 1000, task_id))
-        task = task_from_row(self._row(task_id))
-        return dataclasses.replace(task, body=self._row(task_id, "body")[0])
+                         (started_us, task.id))
+        return dataclasses.replace(task, status="running", started_us=started_us, body=body)
 
     def _prune(self):
         """Delete the oldest finished tasks beyond `keep`; returns their ids."""
@@ -271,14 +277,28 @@ class TaskStore:
     # -- the API; each call takes _lock, and does disk work outside it --
 
     def _sync(self, ticket):
-        """Return once commit `ticket` is on disk; a concurrent fsync may already have done it."""
-        with self._lock:
+        """Return once commit `ticket` is on disk.
+
+        One thread at a time syncs the WAL, which makes every commit written before
+        it started durable; the others wait for it and mostly find their work done.
+        """
+        with self._synced_changed:
+            while self._synced < ticket and self._syncing:
+                self._synced_changed.wait()
             if self._wal_fd is None or self._synced >= ticket:
                 return
+            self._syncing = True
             written = self._commits
-        os.fsync(self._wal_fd)
-        with self._lock:
-            self._synced = max(self._synced, written)
+        synced = False
+        try:
+            SYNC_DATA(self._wal_fd)
+            synced = True
+        finally:
+            with self._synced_changed:
+                self._syncing = False
+                if synced:
+                    self._synced = max(self._synced, written)
+                self._synced_changed.notify_all()
 
     def _delete_logs(self, task_ids):
         for task_id in task_ids:
@@ -287,8 +307,12 @@ class TaskStore:
             except FileNotFoundError:
                 pass
 
-    def submit(self, name, params, body=b""):
-        """Commit a new pending task, or find an identical one; returns (task, is_new)."""
+    def submit(self, name, params, body=b"", on_written=None):
+        """Commit a new pending task, or find an identical one; returns (task, is_new).
+
+        `on_written` is called once a new task is written, before it is synced: the
+        runner's claim of it then usually shares the submitter's fsync.
+        """
         params_json = json.dumps(params, ensure_ascii=False, separators=(",", ":"))
         fingerprint = hashlib.sha256(
             b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
@@ -307,6 +331,8 @@ class TaskStore:
             self._pending.append(task.id)
             self._pending_fingerprints[fingerprint] = task.id
             ticket = self._committed()
+        if on_written:
+            on_written()
         # Every task has a log from its submission on, so that the runner does not
         # pay for creating it between the claim and the first script.
         open(self.log_path(task.id), "ab").close()
@@ -381,9 +407,9 @@ class TaskStore:
     def cancel_pending(self, task_id):
         """Cancel a task if it is still pending; returns its status afterwards, or None."""
         with self._lock:
-            row = self._row(task_id, "status")
+            row = self._row(task_id, "status, fingerprint")
             if row and row[0] == "pending":
-                self._forget_pending(task_id)
+                self._forget_pending(task_id, row[1])
                 self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ? "
                                  "WHERE id = ?", (time.time_ns() // 1000, task_id))
                 self._finished += 1
@@ -428,7 +454,10 @@ class Runner:
         self.timeout_s = timeout_s
         self.grace_s = grace_s
         self.wakeups = queue.Queue()
-        self.env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        self.devnull = os.open(os.devnull, os.O_RDONLY)  # stdin of a task without a body
+        # Encoded once: Popen would encode every variable again for every script.
+        self.env = {os.fsencode(k): os.fsencode(v)
+                    for k, v in os.environ.items() if k not in SECRET_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
         # Written only by the runner thread, read by others: each is replaced whole.
         self._process = None        # (task id, Popen) of the script running now
@@ -497,6 +526,8 @@ class Runner:
                 log.exception("task %s: the runner failed", task.id)
                 status, exit_code, runs = "failed", None, []
             self._stop_requests.pop(task.id, None)
+            if status != "complete":
+                log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
             # Finishing this task and claiming the next share one commit and one fsync.
             task = self.store.finish(task.id, status, exit_code, runs,
                                      claim_next=not self._shutdown)
@@ -507,7 +538,9 @@ class Runner:
         """Run a claimed task's scripts; returns (status, exit code, script runs)."""
         folder = os.path.join(self.scripts_dir, task.name)
         label = os.path.join(self.scripts_label, task.name)
-        env = dict(self.env, TASKTRAIN_TASK_ID=task.id, TASKTRAIN_TASK_NAME=task.name)
+        env = dict(self.env)
+        env[b"TASKTRAIN_TASK_ID"] = task.id.encode()
+        env[b"TASKTRAIN_TASK_NAME"] = task.name.encode()
         timer = None
         if self.timeout_s:
             timer = threading.Timer(self.timeout_s, self.stop,
@@ -516,7 +549,7 @@ class Runner:
             timer.start()
         runs, status, exit_code = [], "complete", 0
         with open(self.store.log_path(task.id), "ab", buffering=0) as out, \
-                stdin_for(task.body) as stdin:
+                stdin_for(task.body, self.devnull) as stdin:
             scripts = list_scripts(folder)
             if not scripts:
                 out.write(MISSING_SCRIPTS.encode() + b"\n")
@@ -545,8 +578,8 @@ class Runner:
     def _run_script(self, task, argv, folder, env, stdin, out):
         """Run one script in its own process group; returns (exit code, seconds)."""
         started = time.monotonic()
-        if stdin is not subprocess.DEVNULL:
-            stdin.seek(0)
+        if not isinstance(stdin, int):
+            stdin.seek(0)  # every script reads the whole body
         try:
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -568,13 +601,14 @@ class Runner:
 class stdin_for:
     """The scripts' stdin: /dev/null, or a temporary file holding the task's body."""
 
-    def __init__(self, body):
+    def __init__(self, body, devnull):
         self.body = body
+        self.devnull = devnull
         self.file = None
 
     def __enter__(self):
         if not self.body:
-            return subprocess.DEVNULL
+            return self.devnull
         self.file = tempfile.TemporaryFile()
         self.file.write(self.body)
         self.file.flush()
@@ -968,16 +1002,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad or missing name parameter.")
         check_params(params)
         folder = os.path.join(self.server.scripts_dir, name)
-        if not list_scripts(folder):
+        if not has_scripts(folder):
             abort(404, f"No task named {name!r}: "
                        f"{os.path.join(self.server.scripts_label, name)}/ holds no executable script.")
         try:
-            task, is_new = self.server.store.submit(name, params, body)
+            task, is_new = self.server.store.submit(name, params, body,
+                                                    on_written=self.server.runner.wake)
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
-        if is_new:
-            self.server.runner.wake()
         status, headers = (201 if is_new else 200), {"Location": "tasks/" + task.id}
         if self._wants("json"):
             fields = task_fields(task, self.server.scripts_label, self._position(task))
@@ -1160,6 +1193,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_pending = False
         reason = message or self.responses.get(code, ("Bad request",))[0]
         self._send_reason(code, reason.replace("\r", " ").replace("\n", " "))
+
+    def log_request(self, code="-", size="-"):
+        """Log refused requests only: the task list is the record of the accepted ones."""
+        if int(code) >= 400:
+            log.warning("%s %r %s", self.address_string(), self.requestline, int(code))
 
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
