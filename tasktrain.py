@@ -25,6 +25,7 @@ import base64
 import bisect
 import codecs
 import dataclasses
+import functools
 import hashlib
 import hmac
 import html
@@ -69,7 +70,7 @@ MAX_PENDING = 10_000
 RETRY_AFTER_S = 30
 IDLE_TIMEOUT_S = 30
 FOLLOW_POLL_S = 0.02
-COPY_CHUNK_BYTES = 1024 * 1024
+COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
 LIST_REFRESH_S = 3
 
@@ -96,18 +97,31 @@ log = logging.getLogger("tasktrain")
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A snapshot of one task's row; never changes once read."""
+    """A snapshot of one task's row; never changes once read.
+
+    Params and script runs stay in their stored JSON until asked for, so that a list
+    of thousands of tasks renders without decoding what it does not show.
+    """
 
     id: str
     name: str
-    params: dict
+    params_json: str        # a JSON object of strings, ASCII-escaped, in submission order
     status: str
     created_us: int
     started_us: "int | None" = None
     finished_us: "int | None" = None
     exit_code: "int | None" = None
-    scripts: tuple = ()
+    scripts_json: str = "[]"
     body: bytes = b""
+
+    @functools.cached_property
+    def params(self):
+        return json.loads(self.params_json)
+
+    @functools.cached_property
+    def scripts(self):
+        """One {path, exit_code, seconds} per script run so far."""
+        return json.loads(self.scripts_json)
 
     @property
     def args(self):
@@ -313,7 +327,7 @@ class TaskStore:
         `on_written` is called once a new task is written, before it is synced: the
         runner's claim of it then usually shares the submitter's fsync.
         """
-        params_json = json.dumps(params, ensure_ascii=False, separators=(",", ":"))
+        params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
             b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
         with self._lock:
@@ -323,7 +337,7 @@ class TaskStore:
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
-            task = Task(format_id(us), name, dict(params), "pending", us, body=body)
+            task = Task(format_id(us), name, params_json, "pending", us, body=body)
             self._db.execute(
                 "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
                 "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
@@ -351,11 +365,25 @@ class TaskStore:
             row = self._row(task_id, "status")
         return row[0] if row else None
 
-    def all(self):
-        """Every kept task, newest first, without bodies."""
+    def newest_first(self, page_size=500):
+        """Every kept task, newest first, without bodies, read a page at a time so that
+        neither the lock nor the memory is held for the whole list."""
+        before = "g"  # sorts after every id
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?",
+                    (before, page_size)).fetchall()
+            if not rows:
+                return
+            yield from map(task_from_row, rows)
+            before = rows[-1][0]
+
+    def busy(self):
+        """Whether any task is pending or running."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {COLUMNS} FROM tasks ORDER BY id DESC").fetchall()
-        return [task_from_row(r) for r in rows]
+            return bool(self._pending) or self._db.execute(
+                "SELECT 1 FROM tasks WHERE status = 'running' LIMIT 1").fetchone() is not None
 
     def pending_count(self):
         with self._lock:
@@ -425,9 +453,7 @@ class TaskStore:
 
 def task_from_row(row):
     """A Task from a row in COLUMNS order."""
-    task_id, name, params, status, created, started, finished, exit_code, scripts = row
-    return Task(task_id, name, json.loads(params), status, created, started, finished,
-                exit_code, tuple(json.loads(scripts)))
+    return Task(*row)
 
 
 def append_line(path, line):
@@ -647,15 +673,15 @@ def command_line(argv):
     return " ".join(shell_quote(a) for a in argv)
 
 
-def php_json(params):
-    """PHP's json_encode of a string array: `\\/`, `\\uXXXX`, and a list for keys 0..n-1."""
-    if not params:
+def php_json(params_json):
+    """PHP's json_encode of the params: `\\/`, `\\uXXXX`, `[]` for none, a list for keys 0..n-1."""
+    if params_json.startswith('{"0":'):
+        params = json.loads(params_json)
+        if list(params) == [str(i) for i in range(len(params))]:
+            params_json = json.dumps(list(params.values()), separators=(",", ":"))
+    elif params_json == "{}":
         return "[]"
-    if list(params) == [str(i) for i in range(len(params))]:
-        value = list(params.values())
-    else:
-        value = params
-    return json.dumps(value, separators=(",", ":")).replace("/", "\\/")
+    return params_json.replace("/", "\\/")
 
 
 def rfc2822(us):
@@ -680,7 +706,7 @@ def render_record_head(task, scripts_label):
     glob = shell_quote(os.path.join(scripts_label, task.name)) + "/*"
     return (f"ID:      {task.id}\n"
             f"NAME:    {task.name}\n"
-            f"PARAMS:  {php_json(task.params)}\n"
+            f"PARAMS:  {php_json(task.params_json)}\n"
             f"STATUS:  {task.status}\n"
             f"CREATED: {rfc2822(task.created_us)}\n"
             f"PROCESS: {' '.join([glob] + [shell_quote(a) for a in task.args])}\n"
@@ -700,7 +726,7 @@ def task_fields(task, scripts_label, position=None):
         "exit_code": task.exit_code,
         "process": process_argv(task, scripts_label),
         "position": position,
-        "scripts": list(task.scripts),
+        "scripts": task.scripts,
     }
 
 
@@ -727,15 +753,14 @@ def render_task_div(task, link):
     return (f'<div class="{e(task.status)}">\n'
             f"<p>ID: {task_id}<br />\n"
             f"Name: {e(task.name)}<br />\n"
-            f"Params: {e(php_json(task.params))}<br />\n"
+            f"Params: {e(php_json(task.params_json))}<br />\n"
             f"Status: {e(task.status)}<br />\n"
             f"Date: {rfc2822(task.created_us)}</p>\n"
             "</div>")
 
 
-def render_list_html(tasks, pending):
+def render_list_html(tasks, pending, busy):
     """The /tasks page: the original's list, newest first; it refreshes while work is left."""
-    busy = any(not t.finished for t in tasks)
     body = [f"<p>{pending} pending task(s).</p>"]
     body += [render_task_div(t, "tasks/" + t.id) for t in tasks]
     return render_page("Task Train", "\n".join(body), LIST_REFRESH_S if busy else None)
@@ -1021,16 +1046,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def list_tasks(self):
         store, label = self.server.store, self.server.scripts_label
-        tasks = store.all()
+        tasks = store.newest_first()
         if self._wants("json"):
-            pending = [t for t in reversed(tasks) if t.status == "pending"]  # never pruned
-            positions = {t.id: i for i, t in enumerate(pending, 1)}
-            self._send(200, JSON, json_bytes(
-                [task_fields(t, label, positions.get(t.id)) for t in tasks]))
+            self._send_chunks(200, JSON, self._json_list(tasks))
         elif self._wants("text"):
             self._send_chunks(200, TEXT, self._records(tasks))
         else:
-            self._send(200, HTML, render_list_html(tasks, store.pending_count()).encode())
+            page = render_list_html(tasks, store.pending_count(), store.busy())
+            self._send(200, HTML, page.encode())
+
+    def _json_list(self, tasks):
+        """The list as JSON, a task at a time: thousands of tasks never sit in memory."""
+        store, label, separator = self.server.store, self.server.scripts_label, b"["
+        for task in tasks:
+            position = store.position(task.id) if task.status == "pending" else None
+            yield separator + json.dumps(task_fields(task, label, position), ensure_ascii=False).encode()
+            separator = b",\n"
+        yield b"[]\n" if separator == b"[" else b"]\n"
 
     def _records(self, tasks):
         for task in tasks:
@@ -1068,7 +1100,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def show_log(self, task_id):
         self._task(task_id)
         if self._query_flag("follow"):
-            self._send_chunks(200, TEXT, self._follow(task_id))
+            self._send_chunks(200, TEXT, self._follow(task_id), live=True)
         else:
             with self._open_log(task_id) as f:
                 self._send_file(200, TEXT, f)
@@ -1156,8 +1188,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             size -= len(chunk)
         self.wfile.write(tail)
 
-    def _send_chunks(self, status, content_type, chunks):
-        """Send a body of unknown length: chunked, or closed at its end for HTTP/1.0."""
+    def _send_chunks(self, status, content_type, chunks, live=False):
+        """Send a body of unknown length: chunked, or closed at its end for HTTP/1.0.
+
+        `live` sends each chunk as it comes; otherwise the write buffer gathers them.
+        """
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
             self.close_connection = True
@@ -1167,8 +1202,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         for chunk in chunks:
-            if chunk:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if not chunk:
+                continue
+            if chunked:
+                self.wfile.write(b"%x\r\n" % len(chunk))
+            self.wfile.write(chunk)
+            if chunked:
+                self.wfile.write(b"\r\n")
+            if live:
                 self.wfile.flush()
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
