@@ -322,10 +322,11 @@ class TaskStore:
                 pass
 
     def submit(self, name, params, body=b"", on_written=None):
-        """Commit a new pending task, or find an identical one; returns (task, is_new).
+        """Write a new pending task, or find an identical one; returns (task, is_new, synced).
 
-        `on_written` is called once a new task is written, before it is synced: the
-        runner's claim of it then usually shares the submitter's fsync.
+        `synced()` returns once the task is on disk: call it before answering. The
+        runner, woken by `on_written`, claims the task meanwhile, and its claim
+        usually shares the submitter's fsync.
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
@@ -333,7 +334,7 @@ class TaskStore:
         with self._lock:
             same = self._pending_fingerprints.get(fingerprint)
             if same:
-                return task_from_row(self._row(same)), False
+                return task_from_row(self._row(same)), False, lambda: None
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
@@ -350,8 +351,7 @@ class TaskStore:
         # Every task has a log from its submission on, so that the runner does not
         # pay for creating it between the claim and the first script.
         open(self.log_path(task.id), "ab").close()
-        self._sync(ticket)
-        return task, True
+        return task, True, functools.partial(self._sync, ticket)
 
     def get(self, task_id):
         """The task with this id, or None."""
@@ -396,12 +396,18 @@ class TaskStore:
             return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
 
     def claim_next(self):
-        """Mark the oldest pending task running, on disk; None if none waits."""
+        """Mark the oldest pending task running; returns (task, synced), or (None, None).
+
+        The claim is written at once; `synced()` returns once it is on disk, and must
+        be called before the task's first script starts. Work in between overlaps
+        the fsync.
+        """
         with self._lock:
             task = self._claim_next()
-            ticket = self._committed() if task else 0
-        self._sync(ticket)
-        return task
+            if task is None:
+                return None, None
+            ticket = self._committed()
+        return task, functools.partial(self._sync, ticket)
 
     def record_scripts(self, task_id, runs):
         """Save the scripts run so far by a running task."""
@@ -411,8 +417,8 @@ class TaskStore:
             self._committed()
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
-        """Record how a running task ended and prune; with claim_next, claim the next
-        task in the same commit and return it."""
+        """Record how a running task ended and prune; with claim_next, also claim the
+        next task in the same commit, and return (task, synced) as claim_next() does."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -428,9 +434,11 @@ class TaskStore:
                 self._db.execute("ROLLBACK")
                 raise
             ticket = self._committed()
-        self._sync(ticket)
         self._delete_logs(pruned)
-        return task
+        if task is None:
+            self._sync(ticket)
+            return None, None
+        return task, functools.partial(self._sync, ticket)
 
     def cancel_pending(self, task_id):
         """Cancel a task if it is still pending; returns its status afterwards, or None."""
@@ -544,10 +552,10 @@ class Runner:
             if task is None:
                 if self.wakeups.get() is None or self._shutdown:
                     return
-                task = self.store.claim_next()  # None: it was cancelled while pending
+                task, synced = self.store.claim_next()  # None: cancelled while pending
                 continue
             try:
-                status, exit_code, runs = self._run(task)
+                status, exit_code, runs = self._run(task, synced)
             except Exception:
                 log.exception("task %s: the runner failed", task.id)
                 status, exit_code, runs = "failed", None, []
@@ -555,13 +563,17 @@ class Runner:
             if status != "complete":
                 log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
             # Finishing this task and claiming the next share one commit and one fsync.
-            task = self.store.finish(task.id, status, exit_code, runs,
-                                     claim_next=not self._shutdown)
+            task, synced = self.store.finish(task.id, status, exit_code, runs,
+                                             claim_next=not self._shutdown)
             with self._task_finished:
                 self._task_finished.notify_all()
 
-    def _run(self, task):
-        """Run a claimed task's scripts; returns (status, exit code, script runs)."""
+    def _run(self, task, synced):
+        """Run a claimed task's scripts; returns (status, exit code, script runs).
+
+        Preparing (the log, the scripts, the environment) overlaps the fsync of the
+        claim; `synced()` holds the first script back until the claim is on disk.
+        """
         folder = os.path.join(self.scripts_dir, task.name)
         label = os.path.join(self.scripts_label, task.name)
         env = dict(self.env)
@@ -580,6 +592,7 @@ class Runner:
             if not scripts:
                 out.write(MISSING_SCRIPTS.encode() + b"\n")
                 status, exit_code = "failed", 2
+            synced()
             for i, path in enumerate(scripts):
                 if self._stop_reason(task.id):
                     break
@@ -1031,18 +1044,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(404, f"No task named {name!r}: "
                        f"{os.path.join(self.server.scripts_label, name)}/ holds no executable script.")
         try:
-            task, is_new = self.server.store.submit(name, params, body,
-                                                    on_written=self.server.runner.wake)
+            task, is_new, synced = self.server.store.submit(
+                name, params, body, on_written=self.server.runner.wake)
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
-        status, headers = (201 if is_new else 200), {"Location": "tasks/" + task.id}
         if self._wants("json"):
             fields = task_fields(task, self.server.scripts_label, self._position(task))
-            self._send(status, JSON, json_bytes(dict(fields, output="")), headers)
+            content_type, record = JSON, json_bytes(dict(fields, output=""))
         else:
-            self._send(status, TEXT, (render_record_head(task, self.server.scripts_label)
-                                      + "\n").encode(), headers)
+            content_type = TEXT
+            record = (render_record_head(task, self.server.scripts_label) + "\n").encode()
+        synced()  # a 2xx promises the task is on disk
+        self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
         store, label = self.server.store, self.server.scripts_label
