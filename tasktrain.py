@@ -348,9 +348,6 @@ class TaskStore:
             ticket = self._committed()
         if on_written:
             on_written()
-        # Every task has a log from its submission on, so that the runner does not
-        # pay for creating it between the claim and the first script.
-        open(self.log_path(task.id), "ab").close()
         return task, True, functools.partial(self._sync, ticket)
 
     def get(self, task_id):
