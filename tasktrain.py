@@ -707,19 +707,20 @@ def iso8601(us):
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + offset[:3] + ":" + offset[3:]
 
 
-def process_argv(task, scripts_label):
-    return [os.path.join(scripts_label, task.name, "*")] + task.args
+def render_process(task, scripts_label):
+    """The PROCESS line: the scripts' glob, unquoted, then each argument quoted."""
+    glob = shell_quote(os.path.join(scripts_label, task.name)) + "/*"
+    return " ".join([glob] + [shell_quote(a) for a in task.args])
 
 
 def render_record_head(task, scripts_label):
     """The record's seven lines up to `RESULTS: `; the output and one newline follow."""
-    glob = shell_quote(os.path.join(scripts_label, task.name)) + "/*"
     return (f"ID:      {task.id}\n"
             f"NAME:    {task.name}\n"
             f"PARAMS:  {php_json(task.params_json)}\n"
             f"STATUS:  {task.status}\n"
             f"CREATED: {rfc2822(task.created_us)}\n"
-            f"PROCESS: {' '.join([glob] + [shell_quote(a) for a in task.args])}\n"
+            f"PROCESS: {render_process(task, scripts_label)}\n"
             f"RESULTS: ")
 
 
@@ -734,7 +735,7 @@ def task_fields(task, scripts_label, position=None):
         "started": iso8601(task.started_us),
         "finished": iso8601(task.finished_us),
         "exit_code": task.exit_code,
-        "process": process_argv(task, scripts_label),
+        "process": [os.path.join(scripts_label, task.name, "*")] + task.args,
         "position": position,
         "scripts": task.scripts,
     }
@@ -801,7 +802,7 @@ def render_task_html(task, scripts_label, output_tail, truncated):
     parts = [
         '<p><a href="../tasks">All tasks</a></p>',
         render_task_div(task, None),
-        f"<p>Process: <code>{e(' '.join(shell_quote(a) for a in process_argv(task, scripts_label)))}</code></p>",
+        f"<p>Process: <code>{e(render_process(task, scripts_label))}</code></p>",
         note,
         f'<pre id="output">{e(output_tail.decode("utf-8", "replace"))}</pre>',
     ]
