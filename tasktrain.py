@@ -1235,6 +1235,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _wants_json_safely(self):
         return self.headers is not None and "application/json" in self.headers.get("Accept", "")
 
+    def handle_expect_100(self):
+        """Send `100 Continue` now: left in the write buffer it stalls curl a second."""
+        ready = super().handle_expect_100()
+        self.wfile.flush()
+        return ready
+
     def send_error(self, code, message=None, explain=None):
         """The base class's answer to a malformed request, as a one-line plain text."""
         self.close_connection = True

@@ -892,6 +892,19 @@ def test_body_over_1_mib_is_413_before_it_is_read(idle_daemon):
     assert idle_daemon.get("/tasks?format=json").json() == []
 
 
+def test_expect_100_continue_is_answered_at_once(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", "cat\n")
+    d = daemons()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=DEADLINE_S) as s:
+        s.sendall(b"POST /task?name=hook HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        s.settimeout(0.5)  # curl waits a second before sending the body anyway
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.settimeout(DEADLINE_S)
+        s.sendall(b"hello")
+        assert b"201 Created" in s.recv(4096)
+
+
 def test_body_up_to_1_mib_is_accepted(tmp_path, daemons):
     add_script(tmp_path, "big", "run", "wc -c\n")
     d = daemons()
