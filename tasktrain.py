@@ -25,6 +25,7 @@ import base64
 import bisect
 import codecs
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -137,6 +138,10 @@ class QueueFull(Exception):
     """More than MAX_PENDING tasks are waiting."""
 
 
+class StateDirBusy(Exception):
+    """Another daemon uses the state dir: two runners would run every task twice."""
+
+
 def format_id(us):
     """PHP uniqid(): 8 hex digits of Unix seconds, then 5 of microseconds."""
     return "%08x%05x" % divmod(us, 1_000_000)
@@ -192,6 +197,12 @@ class TaskStore:
     """Tasks in SQLite, output in one log file per task, both under the state dir."""
 
     def __init__(self, state_dir, keep=DEFAULT_KEEP):
+        self._lock_file = open(os.path.join(state_dir, "lock"), "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StateDirBusy(state_dir) from None
         self.keep = keep
         self.log_dir = os.path.join(state_dir, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
@@ -240,6 +251,7 @@ class TaskStore:
             self._db.close()
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
+        self._lock_file.close()
 
     def log_path(self, task_id):
         return os.path.join(self.log_dir, task_id + ".log")
@@ -1363,7 +1375,12 @@ def main(argv=None):
     os.makedirs(scripts_dir, exist_ok=True)
     os.makedirs(state_dir, exist_ok=True)
 
-    store = TaskStore(state_dir, args.keep)
+    try:
+        store = TaskStore(state_dir, args.keep)
+    except StateDirBusy:
+        log.error("another Task Train is using %s; stop it first, or give this one "
+                  "its own --state-dir", state_dir)
+        return 1
     runner = Runner(store, scripts_dir, scripts_label, args.timeout, args.grace)
     try:
         server = TaskTrainServer((args.host, args.port), store, runner, args.token, args.secret)

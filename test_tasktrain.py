@@ -233,6 +233,24 @@ def test_public_host_without_token_says_how_to_proceed():
     assert tasktrain.parse_args(["--host=::1"]).host == "::1"
 
 
+def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(tmp_path, daemons):
+    d = daemons()
+    proc = subprocess.run([sys.executable, TASKTRAIN, "--port", "0", "--state-dir", str(d.state),
+                           "--scripts-dir", str(d.scripts)],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 1
+    assert "another Task Train is using" in proc.stderr and proc.stdout == ""
+    assert d.get("/").status == 200
+
+
+def test_a_port_in_use_is_an_error_not_a_crash(tmp_path, daemons):
+    d = daemons()
+    proc = subprocess.run([sys.executable, TASKTRAIN, "--port", str(d.port),
+                           "--state-dir", str(tmp_path / "other")],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 1 and "cannot listen" in proc.stderr
+
+
 def test_version_and_help_exit_0():
     for flag in ("--version", "--help"):
         proc = subprocess.run([sys.executable, TASKTRAIN, flag], capture_output=True, text=True,
