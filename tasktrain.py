@@ -24,6 +24,7 @@ import argparse
 import base64
 import bisect
 import codecs
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -42,7 +43,6 @@ import shlex
 import signal
 import socket
 import sqlite3
-import stat
 import subprocess
 import sys
 import tempfile
@@ -85,7 +85,8 @@ HTML = "text/html; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 
 MISSING_SCRIPTS = "Missing scripts for this task name."
-CANCELLED = "Task cancelled by request: its scripts were stopped."
+CANCELLED_PENDING = "Task cancelled by request: it never ran."
+CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
 RESTARTED = ("Task Train stopped while this task was running; "
              "it was marked failed and not run again.")
 
@@ -235,13 +236,7 @@ class TaskStore:
             ticket = self._committed()
             last = db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
-            pending = db.execute(
-                "SELECT id, fingerprint FROM tasks WHERE status = 'pending' ORDER BY id").fetchall()
-            self._pending = [task_id for task_id, _ in pending]
-            self._pending_fingerprints = {fp: task_id for task_id, fp in pending}
-            self._finished = db.execute(
-                "SELECT count(*) FROM tasks WHERE status IN ('complete', 'failed', 'cancelled')"
-            ).fetchone()[0]
+            self._load_mirrors()
         self._sync(ticket)
         for task_id in crashed:
             append_line(self.log_path(task_id), RESTARTED)
@@ -257,6 +252,28 @@ class TaskStore:
         return os.path.join(self.log_dir, task_id + ".log")
 
     # -- helpers that expect _lock held --
+
+    def _load_mirrors(self):
+        """Read the pending queue and the finished count from the table."""
+        pending = self._db.execute(
+            "SELECT id, fingerprint FROM tasks WHERE status = 'pending' ORDER BY id").fetchall()
+        self._pending = [task_id for task_id, _ in pending]
+        self._pending_fingerprints = {fp: task_id for task_id, fp in pending}
+        self._finished = self._db.execute(
+            "SELECT count(*) FROM tasks WHERE status IN ('complete', 'failed', 'cancelled')"
+        ).fetchone()[0]
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One commit for several writes; if it fails, the mirrors are read again."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._load_mirrors()
+            raise
 
     def _committed(self):
         """Count a commit just written; returns the ticket that _sync waits for."""
@@ -282,10 +299,10 @@ class TaskStore:
             return None
         *row, body, fingerprint = self._row(self._pending[0], COLUMNS + ", body, fingerprint")
         task = task_from_row(row)
-        self._forget_pending(task.id, fingerprint)
         started_us = time.time_ns() // 1000
         self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
                          (started_us, task.id))
+        self._forget_pending(task.id, fingerprint)
         return dataclasses.replace(task, status="running", started_us=started_us, body=body)
 
     def _prune(self):
@@ -300,7 +317,7 @@ class TaskStore:
         self._finished -= len(old)
         return old
 
-    # -- the API; each call takes _lock, and does disk work outside it --
+    # -- disk work, done outside _lock --
 
     def _sync(self, ticket):
         """Return once commit `ticket` is on disk.
@@ -332,6 +349,8 @@ class TaskStore:
                 os.unlink(self.log_path(task_id))
             except FileNotFoundError:
                 pass
+
+    # -- the API; each call takes _lock itself --
 
     def submit(self, name, params, body=b"", on_written=None):
         """Write a new pending task, or find an identical one; returns (task, is_new, synced).
@@ -423,14 +442,12 @@ class TaskStore:
         with self._lock:
             self._db.execute("UPDATE tasks SET scripts = ? WHERE id = ?",
                              (json.dumps(runs), task_id))
-            self._committed()
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
         """Record how a running task ended and prune; with claim_next, also claim the
         next task in the same commit, and return (task, synced) as claim_next() does."""
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
+            with self._transaction():
                 self._db.execute(
                     "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
                     "WHERE id = ?",
@@ -438,10 +455,6 @@ class TaskStore:
                 self._finished += 1
                 pruned = self._prune()
                 task = self._claim_next() if claim_next else None
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             ticket = self._committed()
         self._delete_logs(pruned)
         if task is None:
@@ -453,18 +466,18 @@ class TaskStore:
         """Cancel a task if it is still pending; returns its status afterwards, or None."""
         with self._lock:
             row = self._row(task_id, "status, fingerprint")
-            if row and row[0] == "pending":
-                self._forget_pending(task_id, row[1])
+            if not row or row[0] != "pending":
+                return row[0] if row else None
+            with self._transaction():
                 self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ? "
                                  "WHERE id = ?", (time.time_ns() // 1000, task_id))
+                self._forget_pending(task_id, row[1])
                 self._finished += 1
                 pruned = self._prune()
-                ticket = self._committed()
-            else:
-                return row[0] if row else None
+            ticket = self._committed()
         self._sync(ticket)
         self._delete_logs(pruned)
-        append_line(self.log_path(task_id), "Task cancelled by request: it never ran.")
+        append_line(self.log_path(task_id), CANCELLED_PENDING)
         return "cancelled"
 
 
@@ -556,24 +569,31 @@ class Runner:
         signal_group(pgid, signal.SIGKILL)
 
     def _loop(self):
-        task = None
+        task = synced = None
         while True:
             if task is None:
                 if self.wakeups.get() is None or self._shutdown:
                     return
-                task, synced = self.store.claim_next()  # None: cancelled while pending
-                continue
             try:
-                status, exit_code, runs = self._run(task, synced)
-            except Exception:
-                log.exception("task %s: the runner failed", task.id)
-                status, exit_code, runs = "failed", None, []
-            self._stop_requests.pop(task.id, None)
-            if status != "complete":
-                log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
-            # Finishing this task and claiming the next share one commit and one fsync.
-            task, synced = self.store.finish(task.id, status, exit_code, runs,
-                                             claim_next=not self._shutdown)
+                if task is None:
+                    task, synced = self.store.claim_next()  # None: cancelled while pending
+                    continue
+                try:
+                    status, exit_code, runs = self._run(task, synced)
+                except Exception:
+                    log.exception("task %s: the runner failed", task.id)
+                    status, exit_code, runs = "failed", None, []
+                self._stop_requests.pop(task.id, None)
+                if status != "complete":
+                    log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
+                # Finishing this task and claiming the next share one commit and one fsync.
+                task, synced = self.store.finish(task.id, status, exit_code, runs,
+                                                 claim_next=not self._shutdown)
+            except (sqlite3.Error, OSError):
+                # A full or failing disk must not end the runner: the task keeps the
+                # state last written, and the next wakeup tries again.
+                log.exception("the task store failed")
+                task = None
             with self._task_finished:
                 self._task_finished.notify_all()
 
@@ -646,25 +666,16 @@ class Runner:
         return exit_code, time.monotonic() - started
 
 
-class stdin_for:
+@contextlib.contextmanager
+def stdin_for(body, devnull):
     """The scripts' stdin: /dev/null, or a temporary file holding the task's body."""
-
-    def __init__(self, body, devnull):
-        self.body = body
-        self.devnull = devnull
-        self.file = None
-
-    def __enter__(self):
-        if not self.body:
-            return self.devnull
-        self.file = tempfile.TemporaryFile()
-        self.file.write(self.body)
-        self.file.flush()
-        return self.file
-
-    def __exit__(self, *exc):
-        if self.file:
-            self.file.close()
+    if not body:
+        yield devnull
+        return
+    with tempfile.TemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        yield f
 
 
 def signal_group(pgid, signum):
@@ -755,6 +766,36 @@ def task_fields(task, scripts_label, position=None):
 
 def json_bytes(value):
     return json.dumps(value, ensure_ascii=False).encode() + b"\n"
+
+
+def render_task_json(fields, log_file):
+    """A task's JSON with its output, streamed from its log: a huge log costs no memory."""
+    yield json.dumps(fields, ensure_ascii=False)[:-1].encode() + b', "output": "'
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in iter(lambda: log_file.read(COPY_CHUNK_BYTES), b""):
+        yield json.dumps(decoder.decode(chunk), ensure_ascii=False)[1:-1].encode()
+    yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode()
+    yield b'"}\n'
+
+
+def render_json_list(tasks, scripts_label, position):
+    """The task list as JSON, without output, a task at a time."""
+    separator = b"["
+    for task in tasks:
+        fields = task_fields(task, scripts_label,
+                             position(task.id) if task.status == "pending" else None)
+        yield separator + json.dumps(fields, ensure_ascii=False).encode()
+        separator = b",\n"
+    yield b"[]\n" if separator == b"[" else b"]\n"
+
+
+def render_records(tasks, scripts_label, open_log):
+    """The text records one after another, as the original's list printed them."""
+    for task in tasks:
+        yield render_record_head(task, scripts_label).encode()
+        with open_log(task.id) as f:
+            yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
+        yield b"\n\n"
 
 
 PAGE_CSS = ("body { font-family: sans-serif; } div { padding: 0 .5em; } "
@@ -1072,34 +1113,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store, label = self.server.store, self.server.scripts_label
         tasks = store.newest_first()
         if self._wants("json"):
-            self._send_chunks(200, JSON, self._json_list(tasks))
+            self._send_chunks(200, JSON, render_json_list(tasks, label, store.position))
         elif self._wants("text"):
-            self._send_chunks(200, TEXT, self._records(tasks))
+            self._send_chunks(200, TEXT, render_records(tasks, label, self._open_log))
         else:
             page = render_list_html(tasks, store.pending_count(), store.busy())
             self._send(200, HTML, page.encode())
-
-    def _json_list(self, tasks):
-        """The list as JSON, a task at a time: thousands of tasks never sit in memory."""
-        store, label, separator = self.server.store, self.server.scripts_label, b"["
-        for task in tasks:
-            position = store.position(task.id) if task.status == "pending" else None
-            yield separator + json.dumps(task_fields(task, label, position), ensure_ascii=False).encode()
-            separator = b",\n"
-        yield b"[]\n" if separator == b"[" else b"]\n"
-
-    def _records(self, tasks):
-        for task in tasks:
-            yield render_record_head(task, self.server.scripts_label).encode()
-            with self._open_log(task.id) as f:
-                yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
-            yield b"\n\n"
 
     def show_task(self, task_id):
         task = self._task(task_id)
         label = self.server.scripts_label
         if self._wants("json"):
-            self._send_chunks(200, JSON, self._json_with_output(task))
+            fields = task_fields(task, label, self._position(task))
+            with self._open_log(task_id) as f:
+                self._send_chunks(200, JSON, render_task_json(fields, f))
         elif self._wants("html"):
             with self._open_log(task_id) as f:
                 size = os.fstat(f.fileno()).st_size
@@ -1110,16 +1137,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             head = render_record_head(task, label).encode()
             with self._open_log(task_id) as f:
                 self._send_file(200, TEXT, f, head, b"\n")
-
-    def _json_with_output(self, task):
-        fields = task_fields(task, self.server.scripts_label, self._position(task))
-        yield json.dumps(fields, ensure_ascii=False)[:-1].encode() + b', "output": "'
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        with self._open_log(task.id) as f:
-            for chunk in iter(lambda: f.read(COPY_CHUNK_BYTES), b""):
-                yield json.dumps(decoder.decode(chunk), ensure_ascii=False)[1:-1].encode()
-        yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode()
-        yield b'"}\n'
 
     def show_log(self, task_id):
         self._task(task_id)
@@ -1152,7 +1169,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if task.finished:
             abort(409, f"Task {task_id} has already finished ({task.status}).")
         if store.cancel_pending(task_id) == "running":
-            runner.stop(task_id, "cancelled", CANCELLED)
+            runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
             runner.wait_finished(task_id, runner.grace_s + 5)
         self.show_task(task_id)
 
@@ -1239,12 +1256,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
     def _send_reason(self, status, reason, headers=None):
-        if self._wants_json_safely():
+        if self._error_wants_json():
             self._send(status, JSON, json_bytes({"error": reason}), headers)
         else:
             self._send(status, TEXT, reason.encode() + b"\n", headers)
 
-    def _wants_json_safely(self):
+    def _error_wants_json(self):
         return self.headers is not None and "application/json" in self.headers.get("Accept", "")
 
     def handle_expect_100(self):

@@ -343,6 +343,20 @@ def test_id_clock_never_repeats_within_a_microsecond(tmp_path):
     assert ids == sorted(set(ids))
 
 
+def test_a_failed_commit_leaves_the_queue_as_the_table_has_it(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    first = store.submit("example", {"i": "1"})[0]
+    second = store.submit("example", {"i": "2"})[0]
+    claimed, synced = store.claim_next()
+    synced()
+    with pytest.raises(sqlite3.IntegrityError):  # status may not be NULL
+        store.finish(claimed.id, None, 0, [], claim_next=True)
+    assert (claimed.id, store.status(first.id)) == (first.id, "running")
+    assert store.pending_count() == 1 and store.position(second.id) == 1
+    assert store.submit("example", {"i": "2"})[1] is False  # still coalesces with it
+    store.close()
+
+
 def test_results_hold_command_stdout_stderr_and_exit_code(tmp_path, daemons):
     add_script(tmp_path, "both", "a.sh", "echo out; echo err >&2; echo out2\n")
     d = daemons()
