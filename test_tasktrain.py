@@ -174,7 +174,7 @@ def daemons(tmp_path):
     started = []
 
     def start(*options, env=None):
-        daemon = Daemon(tmp_path, *options, env=env)
+        daemon = Daemon(tmp_path, *options, env={"GO": str(tmp_path / "go"), **(env or {})})
         started.append(daemon)
         return daemon
 
@@ -183,6 +183,9 @@ def daemons(tmp_path):
         daemon.stop()
 
 
+# A script body that holds its task running until the test creates the file $GO
+# (every test daemon has GO=tmp_path/go in its environment).
+UNTIL_GO = 'while [ ! -e "$GO" ]; do sleep 0.01; done\n'
 ARGS_SCRIPT = 'for a; do echo "arg: $a"; done\n'
 
 
@@ -459,10 +462,10 @@ def test_form_body_gives_params_and_later_values_win(tmp_path, daemon):
 
 
 def test_identical_pending_submission_is_coalesced(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "block", "run", UNTIL_GO)
     add_script(tmp_path, "example", "run", "exit 0\n")
     go = tmp_path / "go"
-    d = daemons(env={"GO": str(go)})
+    d = daemons()
     blocker = d.submit("block")
     first = d.submit("example", a="1")
     assert d.submit("example", expect=200, a="1") == first
@@ -476,7 +479,7 @@ def test_identical_pending_submission_is_coalesced(tmp_path, daemons):
 
 
 def test_more_than_10000_pending_is_503_with_retry_after(tmp_path, daemons):
-    add_script(tmp_path, "example", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "example", "run", UNTIL_GO)
     (tmp_path / "state").mkdir()
     store = tasktrain.TaskStore(str(tmp_path / "state"))
     store.close()
@@ -489,7 +492,7 @@ def test_more_than_10000_pending_is_503_with_retry_after(tmp_path, daemons):
          for i in range(tasktrain.MAX_PENDING + 1)])
     db.commit()
     db.close()
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    d = daemons()
     resp = d.request("POST", "/task?name=example&new=1")
     assert resp.status == 503 and int(resp.headers["Retry-After"]) > 0
     assert len(d.get("/tasks?format=json").json()) == tasktrain.MAX_PENDING + 1
@@ -543,8 +546,8 @@ def test_json_record_has_the_contract_fields(tmp_path, daemons):
 
 
 def test_json_list_leaves_output_out_and_numbers_the_queue(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons()
     ids = [d.submit("block", i=str(i)) for i in range(3)]
     d.wait_status(ids[0], "running")
     listed = d.get("/tasks", headers={"Accept": "application/json"}).json()
@@ -578,10 +581,9 @@ def test_log_is_the_raw_output(daemon):
 
 def test_follow_streams_output_before_the_task_ends(tmp_path, daemons):
     add_script(tmp_path, "block", "run", 'while [ ! -e "$GO.block" ]; do sleep 0.01; done\n')
-    add_script(tmp_path, "talk", "run", 'echo first\nwhile [ ! -e "$GO" ]; do sleep 0.01; done\n'
-                                        'echo second\n')
+    add_script(tmp_path, "talk", "run", "echo first\n" + UNTIL_GO + "echo second\n")
     go = tmp_path / "go"
-    d = daemons(env={"GO": str(go)})
+    d = daemons()
     d.submit("block")
     task_id = d.submit("talk")
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
@@ -601,18 +603,18 @@ def test_follow_streams_output_before_the_task_ends(tmp_path, daemons):
 
 
 def test_cancel_pending_task_never_runs(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
-    add_script(tmp_path, "mark", "run", 'touch "$GO.ran"\n')
-    go = tmp_path / "go"
-    d = daemons(env={"GO": str(go)})
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    add_script(tmp_path, "mark", "run", 'echo "$2" >> "$GO.ran"\n')
+    d = daemons()
     blocker = d.submit("block")
-    victim = d.submit("mark")
+    victim = d.submit("mark", run="victim")
     resp = d.request("DELETE", f"/tasks/{victim}")
     assert resp.status == 200 and record_fields(resp.text)["STATUS"] == "cancelled"
-    go.touch()
+    assert "it never ran" in record_fields(resp.text)["RESULTS"]
+    (tmp_path / "go").touch()
     d.wait_status(blocker)
-    after = d.submit("mark", again="1")
-    d.wait_status(after)
+    d.wait_status(d.submit("mark", run="after"))
+    assert (tmp_path / "go.ran").read_text() == "--run=after\n"
     assert d.task(victim)["status"] == "cancelled"
     assert d.request("DELETE", f"/tasks/{victim}").status == 409
 
@@ -725,9 +727,9 @@ def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
 
 
 def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
+    add_script(tmp_path, "block", "run", UNTIL_GO)
     script = add_script(tmp_path, "doomed", "run", "exit 0\n")
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    d = daemons()
     d.submit("block")
     doomed = d.submit("doomed")
     script.unlink()
@@ -739,8 +741,8 @@ def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons
 
 
 def test_output_reaches_disk_as_it_comes(tmp_path, daemons):
-    add_script(tmp_path, "talk", "run", 'echo early\nwhile [ ! -e "$GO" ]; do sleep 0.01; done\n')
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    add_script(tmp_path, "talk", "run", "echo early\n" + UNTIL_GO)
+    d = daemons()
     task_id = d.submit("talk")
     wait_for(lambda: "early\n" in record_fields(d.get(f"/tasks/{task_id}").text)["RESULTS"])
     assert d.task(task_id)["status"] == "running"
@@ -769,8 +771,8 @@ def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons
 
 def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daemons):
     add_script(tmp_path, "example", "run", "echo hi\n")
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
-    d = daemons("--keep", "2", env={"GO": str(tmp_path / "go")})
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons("--keep", "2")
     done = [d.submit("example", i=str(i)) for i in range(4)]
     d.wait_status(done[-1])
     blocker = d.submit("block")
@@ -806,8 +808,8 @@ def test_list_page_keeps_the_original_shape_and_escapes_everything(daemon):
 
 
 def test_list_page_refreshes_while_work_is_left(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", 'while [ ! -e "$GO" ]; do sleep 0.01; done\n')
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons()
     first = d.submit("block")
     d.submit("block", again="1")
     d.wait_status(first, "running")
@@ -818,8 +820,8 @@ def test_list_page_refreshes_while_work_is_left(tmp_path, daemons):
 
 
 def test_browser_gets_a_live_page_and_curl_the_record(tmp_path, daemons):
-    add_script(tmp_path, "talk", "run", f"echo '{XSS}'\nwhile [ ! -e \"$GO\" ]; do sleep 0.01; done\n")
-    d = daemons(env={"GO": str(tmp_path / "go")})
+    add_script(tmp_path, "talk", "run", f"echo '{XSS}'\n" + UNTIL_GO)
+    d = daemons()
     task_id = d.submit("talk")
     wait_for(lambda: XSS in d.log(task_id))
     page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html,application/xhtml+xml,*/*"})
