@@ -198,15 +198,15 @@ class TaskStore:
     """Tasks in SQLite, output in one log file per task, both under the state dir."""
 
     def __init__(self, state_dir, keep=DEFAULT_KEEP):
+        self.keep = keep
+        self.log_dir = os.path.join(state_dir, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
         self._lock_file = open(os.path.join(state_dir, "lock"), "a")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
             raise StateDirBusy(state_dir) from None
-        self.keep = keep
-        self.log_dir = os.path.join(state_dir, "logs")
-        os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(state_dir, "tasks.sqlite3")
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.executescript(SCHEMA)
