@@ -427,8 +427,8 @@ class TaskStore:
         """Mark the oldest pending task running; returns (task, synced), or (None, None).
 
         The claim is written at once; `synced()` returns once it is on disk, and must
-        be called before the task's first script starts. Work in between overlaps
-        the fsync.
+        be called before the task's first script starts. Deferring it lets an fsync
+        that another thread starts meanwhile (a submitter's) cover the claim too.
         """
         with self._lock:
             task = self._claim_next()
@@ -600,8 +600,8 @@ class Runner:
     def _run(self, task, synced):
         """Run a claimed task's scripts; returns (status, exit code, script runs).
 
-        Preparing (the log, the scripts, the environment) overlaps the fsync of the
-        claim; `synced()` holds the first script back until the claim is on disk.
+        The log, the scripts and the environment are prepared before `synced()`,
+        which holds the first script back until the claim is on disk.
         """
         folder = os.path.join(self.scripts_dir, task.name)
         label = os.path.join(self.scripts_label, task.name)
