@@ -186,9 +186,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_us  INTEGER,
     finished_us INTEGER,
     exit_code   INTEGER,
-    scripts     TEXT NOT NULL DEFAULT '[]'
+    scripts     TEXT NOT NULL DEFAULT '[]',
+    pgid        INTEGER             -- process group of the script running now
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
            "exit_code, scripts")
@@ -230,15 +232,22 @@ class TaskStore:
         self._synced_changed = threading.Condition(self._lock)
         with self._lock:
             now = time.time_ns() // 1000
-            crashed = [r[0] for r in db.execute("SELECT id FROM tasks WHERE status = 'running'")]
-            db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
-                       "WHERE status = 'running'", (now,))
+            crashed = db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
+            # A process group recorded before a reboot may now be someone else's.
+            boot_id, last_boot = current_boot_id(), db.execute(
+                "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+            same_boot = boot_id is not None and last_boot == (boot_id,)
+            self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
+            with self._transaction():
+                db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
+                           "WHERE status = 'running'", (now,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
             ticket = self._committed()
             last = db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
         self._sync(ticket)
-        for task_id in crashed:
+        for task_id, _ in crashed:
             append_line(self.log_path(task_id), RESTARTED)
 
     def close(self):
@@ -437,6 +446,11 @@ class TaskStore:
             ticket = self._committed()
         return task, functools.partial(self._sync, ticket)
 
+    def record_process(self, task_id, pgid):
+        """Note the process group of a task's script, for a restart after a crash."""
+        with self._lock:
+            self._db.execute("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
+
     def record_scripts(self, task_id, runs):
         """Save the scripts run so far by a running task."""
         with self._lock:
@@ -479,6 +493,15 @@ class TaskStore:
         self._delete_logs(pruned)
         append_line(self.log_path(task_id), CANCELLED_PENDING)
         return "cancelled"
+
+
+def current_boot_id():
+    """This boot's id (Linux), or None where there is no such thing."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def task_from_row(row):
@@ -568,7 +591,15 @@ class Runner:
             time.sleep(0.01)
         signal_group(pgid, signal.SIGKILL)
 
+    def _stop_orphans(self):
+        """Stop the scripts a crashed daemon left running: one task at a time, even then."""
+        for pgid in self.store.orphan_groups:
+            if signal_group(pgid, signal.SIGTERM):
+                log.warning("stopping process group %d, left running by a daemon that died", pgid)
+                self._await_group(pgid)
+
     def _loop(self):
+        self._stop_orphans()
         task = synced = None
         while True:
             if task is None:
@@ -657,6 +688,7 @@ class Runner:
         self._process = (task.id, proc)
         if self._stop_reason(task.id):
             self._terminate(proc)
+        self.store.record_process(task.id, proc.pid)
         returncode = proc.wait()
         self._process = None
         if self._stop_reason(task.id):

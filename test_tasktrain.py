@@ -769,6 +769,25 @@ def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons
     assert (tmp_path / "runs").read_text() == "ran\n"
 
 
+def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "next", "run",
+               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.pid")/stat 2>/dev/null)\n'
+               'echo "orphan:${state:-gone}" > "$GO.out"\n')
+    d = daemons()
+    d.submit("slow")
+    queued = d.submit("next")
+    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    orphan = int((tmp_path / "go.pid").read_text())
+    d.proc.kill()
+    d.proc.wait()
+    assert not gone(orphan)
+    d = daemons()
+    d.wait_status(queued)
+    assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
+    assert "left running by a daemon that died" in d.stderr()
+
+
 def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daemons):
     add_script(tmp_path, "example", "run", "echo hi\n")
     add_script(tmp_path, "block", "run", UNTIL_GO)
