@@ -988,19 +988,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             url = urllib.parse.urlsplit(self.path)
             self.query = url.query
             method = "GET" if self.command == "HEAD" else self.command
-            for pattern, methods in self.ROUTES:
-                match = pattern.fullmatch(url.path)
-                if match:
-                    break
-            else:
-                self._authorize(url.path, method)
-                abort(404, "Not found")
-            self._authorize(url.path, method)
+            self.needs_signature = self._authorize(url.path, method)
+            methods, args = self._route(url.path)
             if method not in methods:
                 allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
                 abort(405, f"Method {self.command} is not allowed here.",
                       {"Allow": ", ".join(allowed)})
-            getattr(self, methods[method])(*match.groups())
+            getattr(self, methods[method])(*args)
         except HTTPError as e:
             self._send_reason(e.status, e.reason, e.headers)
         except (ConnectionError, TimeoutError, socket.timeout):
@@ -1012,6 +1006,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._send_reason(500, "Internal error; the daemon's log says more.")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+
+    def _route(self, path):
+        """The handlers by method of the route that matches, and the path's arguments."""
+        for pattern, methods in self.ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                return methods, match.groups()
+        abort(404, "Not found")
 
     # -- request parsing --
 
@@ -1056,23 +1058,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- authorization --
 
     def _authorize(self, path, method):
-        """401 unless the request carries what --token and --secret ask for."""
+        """401 unless the request carries what --token and --secret ask for; True if
+        it still has to show a webhook signature, checked once the body is read."""
         token, secret = self.server.token, self.server.secret
-        if path == "/" and method == "GET":
-            return
-        self.needs_signature = False
-        if token and self._has_token(token):
-            return
+        if (path == "/" and method == "GET") or (token and self._has_token(token)):
+            return False
         if secret and method == "POST" and path == "/task":
             gitlab = self.headers.get("X-Gitlab-Token")
             if gitlab is not None and same_secret(gitlab, secret):
-                return
+                return False
             if self.headers.get("X-Hub-Signature-256") or self.headers.get("X-Gitea-Signature"):
-                self.needs_signature = True  # checked once the body is read
-                return
+                return True
             unauthorized("Missing webhook signature.")
         if token:
             unauthorized()
+        return False
 
     def _has_token(self, token):
         scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
