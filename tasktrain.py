@@ -118,6 +118,7 @@ class Task:
 
     @functools.cached_property
     def params(self):
+        """The params as a dict, in submission order."""
         return json.loads(self.params_json)
 
     @functools.cached_property
@@ -132,6 +133,7 @@ class Task:
 
     @property
     def finished(self):
+        """Whether the task has ended (complete, failed or cancelled)."""
         return self.status in FINISHED
 
 
@@ -251,6 +253,7 @@ class TaskStore:
             append_line(self.log_path(task_id), RESTARTED)
 
     def close(self):
+        """Close the database and release the state dir."""
         with self._lock:
             self._db.close()
             if self._wal_fd is not None:
@@ -258,6 +261,7 @@ class TaskStore:
         self._lock_file.close()
 
     def log_path(self, task_id):
+        """Where a task's output is."""
         return os.path.join(self.log_dir, task_id + ".log")
 
     # -- helpers that expect _lock held --
@@ -295,6 +299,7 @@ class TaskStore:
         return self._last_us
 
     def _row(self, task_id, columns=COLUMNS):
+        """One task's row, or the given columns of it."""
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
     def _forget_pending(self, task_id, fingerprint):
@@ -353,6 +358,7 @@ class TaskStore:
                 self._synced_changed.notify_all()
 
     def _delete_logs(self, task_ids):
+        """Delete the logs of pruned tasks."""
         for task_id in task_ids:
             try:
                 os.unlink(self.log_path(task_id))
@@ -423,6 +429,7 @@ class TaskStore:
                 "SELECT 1 FROM tasks WHERE status = 'running' LIMIT 1").fetchone() is not None
 
     def pending_count(self):
+        """How many tasks wait to run."""
         with self._lock:
             return len(self._pending)
 
@@ -545,11 +552,13 @@ class Runner:
         self._task_finished = threading.Condition()
 
     def start(self):
+        """Start the runner thread, with a wakeup for every task already pending."""
         for _ in range(self.store.pending_count()):
             self.wakeups.put(True)
         self._thread.start()
 
     def wake(self):
+        """Tell the runner a task was written."""
         self.wakeups.put(True)
 
     def shutdown(self, line):
@@ -575,6 +584,7 @@ class Runner:
                 lambda: self.store.status(task_id) not in ("pending", "running"), timeout_s)
 
     def _stop_reason(self, task_id):
+        """(status, line) if the task must stop, else None."""
         return self._stop_requests.get(task_id) or self._shutdown
 
     def _terminate(self, proc):
@@ -599,6 +609,7 @@ class Runner:
                 self._await_group(pgid)
 
     def _loop(self):
+        """Claim, run and finish tasks until the daemon stops."""
         self._stop_orphans()
         task = synced = None
         while True:
@@ -735,6 +746,7 @@ def shell_quote(arg):
 
 
 def command_line(argv):
+    """An argv as a shell would read it, one quoted word per argument."""
     return " ".join(shell_quote(a) for a in argv)
 
 
@@ -755,6 +767,7 @@ def rfc2822(us):
 
 
 def iso8601(us):
+    """ISO 8601 in the server's local time zone, or None."""
     if us is None:
         return None
     t = time.localtime(us // 1_000_000)
@@ -797,6 +810,7 @@ def task_fields(task, scripts_label, position=None):
 
 
 def json_bytes(value):
+    """A JSON answer's body."""
     return json.dumps(value, ensure_ascii=False).encode() + b"\n"
 
 
@@ -836,6 +850,7 @@ PAGE_CSS = ("body { font-family: sans-serif; } div { padding: 0 .5em; } "
 
 
 def render_page(title, body, refresh_s=None):
+    """An HTML page around `body`, reloading itself every `refresh_s` if given."""
     refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{refresh}'
             f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head>"
@@ -911,10 +926,12 @@ class HTTPError(Exception):
 
 
 def abort(status, reason, headers=None):
+    """Stop handling the request and answer `status` with a one-line reason."""
     raise HTTPError(status, reason, headers)
 
 
 def unauthorized(reason="Authentication required."):
+    """Answer 401, asking a browser for the token as a Basic password."""
     abort(401, reason, {"WWW-Authenticate": 'Basic realm="Task Train"'})
 
 
@@ -930,6 +947,7 @@ def parse_form(raw):
 
 
 def unquote_strict(raw):
+    """Percent-decode one part of a form to text, or abort with a 400."""
     if BAD_PERCENT_RE.search(raw):
         abort(400, "Bad percent-encoding in the parameters.")
     try:
@@ -952,6 +970,7 @@ def check_params(params):
 
 
 def same_secret(given, expected):
+    """Compare secrets in constant time."""
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
@@ -978,6 +997,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- dispatch --
 
     def _dispatch(self):
+        """Route, authorize and answer one request; errors become one-line answers."""
         self.request_no = next(self.server.request_counter)
         self.body_pending = self._declared_length() != 0
         self.sent = False
@@ -1018,6 +1038,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- request parsing --
 
     def _declared_length(self):
+        """The body's declared length; -1 if chunked or malformed."""
         if self.headers.get("Transfer-Encoding"):
             return -1
         value = self.headers.get("Content-Length", "0").strip()
@@ -1053,6 +1074,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return kind == "html" and "text/html" in accept
 
     def _query_flag(self, key):
+        """Whether a query parameter is set to something other than 0."""
         return dict(urllib.parse.parse_qsl(self.query)).get(key) not in (None, "", "0")
 
     # -- authorization --
@@ -1075,6 +1097,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _has_token(self, token):
+        """Whether the request carries the token, as Bearer or as a Basic password."""
         scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
         credentials = credentials.strip()
         if scheme.lower() == "bearer":
@@ -1088,6 +1111,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _check_signature(self, body):
+        """401 unless the body's GitHub or Gitea HMAC-SHA256 signature is right."""
         expected = hmac.new(self.server.secret.encode(), body, hashlib.sha256).hexdigest()
         github = self.headers.get("X-Hub-Signature-256", "")
         gitea = self.headers.get("X-Gitea-Signature", "")
@@ -1098,6 +1122,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- routes --
 
     def home(self):
+        """GET /: the original's health check."""
         if self._wants("json"):
             self._send(200, JSON, json_bytes({"message": "Task Manager is running!",
                                               "version": __version__}))
@@ -1105,6 +1130,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, TEXT, b"Task Manager is running!")
 
     def submit(self):
+        """POST /task: queue a task, or find the identical pending one."""
         body = self._read_body()
         if self.needs_signature:
             self._check_signature(body)
@@ -1142,6 +1168,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
+        """GET /tasks: the list, as HTML, JSON or text records."""
         store, label = self.server.store, self.server.scripts_label
         tasks = store.newest_first()
         if self._wants("json"):
@@ -1153,6 +1180,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, HTML, page.encode())
 
     def show_task(self, task_id):
+        """GET /tasks/ID: the record, as text, JSON or a live HTML page."""
         task = self._task(task_id)
         label = self.server.scripts_label
         if self._wants("json"):
@@ -1171,6 +1199,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._send_file(200, TEXT, f, head, b"\n")
 
     def show_log(self, task_id):
+        """GET /tasks/ID/log: the raw output; ?follow=1 streams it to the task's end."""
         self._task(task_id)
         if self._query_flag("follow"):
             self._send_chunks(200, TEXT, self._follow(task_id), live=True)
@@ -1196,6 +1225,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 f.close()
 
     def cancel_task(self, task_id):
+        """DELETE /tasks/ID: a pending task never runs; a running one is stopped."""
         store, runner = self.server.store, self.server.runner
         task = self._task(task_id)
         if task.finished:
@@ -1208,12 +1238,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- helpers --
 
     def _task(self, task_id):
+        """The task with this id, or a 404."""
         task = self.server.store.get(task_id)
         if task is None:
             abort(404, "Not found")
         return task
 
     def _position(self, task):
+        """A pending task's place in the queue, else None."""
         return self.server.store.position(task.id) if task.status == "pending" else None
 
     def _open_log(self, task_id):
@@ -1226,6 +1258,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- sending: every response leaves through _send, _send_file or _send_chunks --
 
     def _start(self, status, content_type, headers):
+        """Status line and the headers every answer has."""
         self.sent = True
         if self.body_pending:  # an unread body would be taken for the next request
             self.close_connection = True
@@ -1238,6 +1271,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
 
     def _send(self, status, content_type, body, headers=None):
+        """Send a whole body with its Content-Length."""
         self._start(status, content_type, headers)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1288,12 +1322,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
     def _send_reason(self, status, reason, headers=None):
+        """Send a one-line reason, as JSON if JSON was asked for."""
         if self._error_wants_json():
             self._send(status, JSON, json_bytes({"error": reason}), headers)
         else:
             self._send(status, TEXT, reason.encode() + b"\n", headers)
 
     def _error_wants_json(self):
+        """Whether JSON was asked for, also before the headers are parsed."""
         return self.headers is not None and "application/json" in self.headers.get("Accept", "")
 
     def handle_expect_100(self):
@@ -1320,6 +1356,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.warning("%s %r %s", self.address_string(), self.requestline, int(code))
 
     def log_message(self, format, *args):
+        """The base class's own messages (timeouts, say) go to the daemon's log."""
         log.info("%s %s", self.address_string(), format % args)
 
 
@@ -1348,6 +1385,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
 # ----------------------------------------------------------------------------
 
 def parse_args(argv):
+    """The options, checked; argparse exits 2 on bad ones."""
     parser = argparse.ArgumentParser(
         prog="tasktrain.py",
         description="A sequential script runner with a teensy REST API.")
@@ -1381,6 +1419,7 @@ def parse_args(argv):
 
 
 def non_negative(kind):
+    """An argparse type: `kind`, refusing negative values."""
     def convert(text):
         value = kind(text)
         if value < 0:
@@ -1391,6 +1430,7 @@ def non_negative(kind):
 
 
 def is_loopback(host):
+    """Whether listening on `host` keeps the daemon to this machine."""
     if host == "localhost":
         return True
     try:
@@ -1410,7 +1450,7 @@ def catch_stop_signals():
     signal.set_wakeup_fd(writer.fileno())
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    return reader, writer  # the caller keeps the writer open
+    return reader, writer  # the writer must stay open as long as the handlers are set
 
 
 def main(argv=None):
@@ -1419,7 +1459,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s tasktrain: %(message)s")
     scripts_dir = os.path.abspath(args.scripts_dir or os.path.join(HERE, "scripts.d"))
-    scripts_label = args.scripts_dir.rstrip("/") or "/" if args.scripts_dir else "scripts.d"
+    # Records and logs show the scripts folder as the user named it.
+    scripts_label = (args.scripts_dir.rstrip("/") or "/") if args.scripts_dir else "scripts.d"
     state_dir = os.path.abspath(args.state_dir or os.path.join(HERE, "state"))
     os.makedirs(scripts_dir, exist_ok=True)
     os.makedirs(state_dir, exist_ok=True)
@@ -1436,7 +1477,7 @@ def main(argv=None):
     except OSError as e:
         log.error("cannot listen on %s port %d: %s", args.host, args.port, e.strerror)
         return 1
-    stop_signals, _ = signal_socket = catch_stop_signals()
+    stop_reader, stop_writer = catch_stop_signals()
     runner.start()
     # The poll interval bounds how long a stop waits for the accept loop to notice.
     serving = threading.Thread(target=server.serve_forever, args=(0.05,), name="http", daemon=True)
@@ -1449,15 +1490,15 @@ def main(argv=None):
     shown_host = f"[{host}]" if ":" in host else host
     print(f"Server running at http://{shown_host}:{port}", flush=True)
 
-    signame = signal.Signals(stop_signals.recv(1)[0]).name
+    signame = signal.Signals(stop_reader.recv(1)[0]).name
     log.info("%s: stopping; pending tasks stay queued for the next start", signame)
     server.shutdown()
     server.server_close()
     runner.shutdown(f"Task Train was stopped ({signame}) while this task ran; "
                     "its scripts were stopped.")
     store.close()
-    for end in signal_socket:
-        end.close()
+    stop_reader.close()
+    stop_writer.close()
     return 0
 
 
