@@ -182,7 +182,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     name        TEXT NOT NULL,
     params      TEXT NOT NULL,      -- JSON object, keys in submission order
     body        BLOB NOT NULL,      -- fed to every script on stdin
-    fingerprint TEXT NOT NULL,      -- sha256 of name, params and body: finds an identical pending task
+    fingerprint TEXT NOT NULL,      -- sha256 of name, params and body: finds a twin
     status      TEXT NOT NULL,
     created_us  INTEGER NOT NULL,
     started_us  INTEGER,
@@ -627,7 +627,8 @@ class Runner:
                     status, exit_code, runs = "failed", None, []
                 self._stop_requests.pop(task.id, None)
                 if status != "complete":
-                    log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
+                    log.warning("task %s (%s) %s, exit code %s",
+                                task.id, task.name, status, exit_code)
                 # Finishing this task and claiming the next share one commit and one fsync.
                 task, synced = self.store.finish(task.id, status, exit_code, runs,
                                                  claim_next=not self._shutdown)
@@ -669,7 +670,8 @@ class Runner:
                     break
                 shown = os.path.join(label, os.path.basename(path))
                 out.write(command_line([shown] + task.args).encode() + b"\n")
-                exit_code, seconds = self._run_script(task, [path] + task.args, folder, env, stdin, out)
+                exit_code, seconds = self._run_script(
+                    task, [path] + task.args, folder, env, stdin, out)
                 out.write(b"exit code: %d\n\n" % exit_code)
                 runs.append({"path": shown, "exit_code": exit_code, "seconds": round(seconds, 3)})
                 if exit_code != 0:
@@ -735,7 +737,7 @@ def signal_group(pgid, signum):
 # ----------------------------------------------------------------------------
 
 def shell_quote(arg):
-    """shlex.quote, except that control characters are written $'\\n' so a record stays one line each."""
+    """shlex.quote, but control characters are written $'\\n': a record keeps its lines."""
     if not any(ord(c) < 32 or c == "\x7f" for c in arg):
         return shlex.quote(arg)
     escaped = "".join(
@@ -1150,8 +1152,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         check_params(params)
         folder = os.path.join(self.server.scripts_dir, name)
         if not has_scripts(folder):
-            abort(404, f"No task named {name!r}: "
-                       f"{os.path.join(self.server.scripts_label, name)}/ holds no executable script.")
+            folder_shown = os.path.join(self.server.scripts_label, name)
+            abort(404, f"No task named {name!r}: {folder_shown}/ holds no executable script.")
         try:
             task, is_new, synced = self.server.store.submit(
                 name, params, body, on_written=self.server.runner.wake)
@@ -1192,7 +1194,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 size = os.fstat(f.fileno()).st_size
                 f.seek(max(0, size - HTML_TAIL_BYTES))
                 tail = f.read(HTML_TAIL_BYTES)
-            self._send(200, HTML, render_task_html(task, label, tail, size > HTML_TAIL_BYTES).encode())
+            page = render_task_html(task, label, tail, truncated=size > HTML_TAIL_BYTES)
+            self._send(200, HTML, page.encode())
         else:
             head = render_record_head(task, label).encode()
             with self._open_log(task_id) as f:
@@ -1393,18 +1396,22 @@ def parse_args(argv):
                         help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--scripts-dir", help="where the task folders are (default: scripts.d beside tasktrain.py)")
-    parser.add_argument("--state-dir", help="task database and logs (default: state beside tasktrain.py)")
+    parser.add_argument("--scripts-dir",
+                        help="where the task folders are (default: scripts.d beside tasktrain.py)")
+    parser.add_argument("--state-dir",
+                        help="task database and logs (default: state beside tasktrain.py)")
     parser.add_argument("--keep", type=non_negative(int), default=DEFAULT_KEEP,
                         help="finished tasks kept (default: %(default)s)")
     parser.add_argument("--timeout", type=non_negative(float), default=0,
                         help="seconds a task may run before it is killed; 0: no limit")
     parser.add_argument("--grace", type=non_negative(float), default=DEFAULT_GRACE_S,
-                        help="seconds from SIGTERM to SIGKILL when a task is stopped (default: %(default)g)")
+                        help="seconds from SIGTERM to SIGKILL when a task is stopped "
+                             "(default: %(default)g)")
     parser.add_argument("--token", default=os.environ.get("TASKTRAIN_TOKEN"),
-                        help="shared secret every request but GET / must carry (env TASKTRAIN_TOKEN)")
+                        help="secret every request but GET / must carry (env TASKTRAIN_TOKEN)")
     parser.add_argument("--secret", default=os.environ.get("TASKTRAIN_SECRET"),
-                        help="webhook secret: GitHub/Gitea signatures, GitLab token (env TASKTRAIN_SECRET)")
+                        help="webhook secret: GitHub/Gitea signatures, GitLab token "
+                             "(env TASKTRAIN_SECRET)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without --token")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)

@@ -714,7 +714,8 @@ def test_body_is_fed_to_every_script_on_stdin(tmp_path, daemons):
 
 
 def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
-    add_script(tmp_path, "seq", "run", 'echo "start $2" >> "$OUT"; sleep 0.05; echo "end $2" >> "$OUT"\n')
+    add_script(tmp_path, "seq", "run",
+               'echo "start $2" >> "$OUT"; sleep 0.05; echo "end $2" >> "$OUT"\n')
     add_script(tmp_path, "other", "run", 'echo "start $2" >> "$OUT"; echo "end $2" >> "$OUT"\n')
     out = tmp_path / "out"
     d = daemons(env={"OUT": str(out)})
@@ -819,7 +820,8 @@ def test_list_page_keeps_the_original_shape_and_escapes_everything(daemon):
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"
     assert "<title>Task Train</title>" in page.text
     assert "<p>0 pending task(s).</p>" in page.text
-    assert f'<div class="complete">\n<p>ID: <a href="tasks/{task_id}">{task_id}</a><br />' in page.text
+    link = f'<a href="tasks/{task_id}">{task_id}</a>'
+    assert f'<div class="complete">\n<p>ID: {link}<br />' in page.text
     assert "Name: example<br />" in page.text and "Status: complete<br />" in page.text
     assert XSS not in page.text and "&lt;script&gt;" in page.text
     assert "color: #8B0000" in page.text and "background: yellow" in page.text
