@@ -516,6 +516,11 @@ def task_from_row(row):
     return Task(*row)
 
 
+def read_chunks(f):
+    """A file's bytes from where it stands to its end, a chunk at a time."""
+    return iter(functools.partial(f.read, COPY_CHUNK_BYTES), b"")
+
+
 def append_line(path, line):
     """Append one line the daemon says about a task to the task's log."""
     with open(path, "ab") as f:
@@ -820,7 +825,7 @@ def render_task_json(fields, log_file):
     """A task's JSON with its output, streamed from its log: a huge log costs no memory."""
     yield json.dumps(fields, ensure_ascii=False)[:-1].encode() + b', "output": "'
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    for chunk in iter(lambda: log_file.read(COPY_CHUNK_BYTES), b""):
+    for chunk in read_chunks(log_file):
         yield json.dumps(decoder.decode(chunk), ensure_ascii=False)[1:-1].encode()
     yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode()
     yield b'"}\n'
@@ -842,7 +847,7 @@ def render_records(tasks, scripts_label, open_log):
     for task in tasks:
         yield render_record_head(task, scripts_label).encode()
         with open_log(task.id) as f:
-            yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
+            yield from read_chunks(f)
         yield b"\n\n"
 
 
@@ -1219,7 +1224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if f is None and os.path.exists(path):
                     f = open(path, "rb")
                 if f:
-                    yield from iter(lambda: f.read(COPY_CHUNK_BYTES), b"")
+                    yield from read_chunks(f)
                 if status is None or status in FINISHED:
                     return
                 time.sleep(FOLLOW_POLL_S)
