@@ -182,7 +182,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     name        TEXT NOT NULL,
     params      TEXT NOT NULL,      -- JSON object, keys in submission order
     body        BLOB NOT NULL,      -- fed to every script on stdin
-    fingerprint TEXT NOT NULL,      -- sha256 of name, params and body: finds a twin
+    fingerprint TEXT NOT NULL,      -- sha256 of name, params and body
     status      TEXT NOT NULL,
     created_us  INTEGER NOT NULL,
     started_us  INTEGER,
@@ -371,16 +371,17 @@ class TaskStore:
         """Write a new pending task, or find an identical one; returns (task, is_new, synced).
 
         `synced()` returns once the task is on disk: call it before answering. The
-        runner, woken by `on_written`, claims the task meanwhile, and its claim
-        usually shares the submitter's fsync.
+        runner, woken by `on_written` as soon as the task is written, claims it while
+        the submitter renders its answer and syncs.
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
             b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
         with self._lock:
             same = self._pending_fingerprints.get(fingerprint)
-            if same:
-                return task_from_row(self._row(same)), False, lambda: None
+            if same:  # perhaps written by a submitter still waiting for its fsync
+                return task_from_row(self._row(same)), False, functools.partial(
+                    self._sync, self._commits)
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
