@@ -551,7 +551,9 @@ class Runner:
         self.env = {os.fsencode(k): os.fsencode(v)
                     for k, v in os.environ.items() if k not in SECRET_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
-        # Written only by the runner thread, read by others: each is replaced whole.
+        # Shared with other threads without a lock: each is read or replaced whole, and
+        # the runner checks for a stop again once _process is set, so a stop that
+        # races with a script's start still reaches it.
         self._process = None        # (task id, Popen) of the script running now
         self._stop_requests = {}    # task id -> (status, line for the log)
         self._shutdown = None       # (status, line) once the daemon is stopping
@@ -596,9 +598,17 @@ class Runner:
     def _terminate(self, proc):
         """SIGTERM to the script's process group; SIGKILL to it after the grace period."""
         signal_group(proc.pid, signal.SIGTERM)
-        killer = threading.Timer(self.grace_s, signal_group, (proc.pid, signal.SIGKILL))
+        killer = threading.Timer(self.grace_s, self._kill_unreaped, (proc,))
         killer.daemon = True
         killer.start()
+
+    @staticmethod
+    def _kill_unreaped(proc):
+        """SIGKILL a script's group if its leader is not yet reaped: until then its
+        pid, and so the group's id, cannot belong to anyone else. Stragglers of a
+        reaped leader are _await_group's."""
+        if proc.returncode is None:
+            signal_group(proc.pid, signal.SIGKILL)
 
     def _await_group(self, pgid):
         """After a stop: wait for the group's stragglers, then SIGKILL what is left."""
