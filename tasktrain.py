@@ -1247,11 +1247,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """DELETE /tasks/ID: a pending task never runs; a running one is stopped."""
         store, runner = self.server.store, self.server.runner
         task = self._task(task_id)
-        if task.finished:
-            abort(409, f"Task {task_id} has already finished ({task.status}).")
-        if store.cancel_pending(task_id) == "running":
+        status = task.status if task.finished else store.cancel_pending(task_id)
+        if status == "running":
             runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
             runner.wait_finished(task_id, runner.grace_s + 5)
+        elif status != "cancelled" or task.finished:  # it ended before this request
+            abort(409, f"Task {task_id} has already finished ({status}).")
         self.show_task(task_id)
 
     # -- helpers --
