@@ -1220,7 +1220,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def show_log(self, task_id):
         """GET /tasks/ID/log: the raw output; ?follow=1 streams it to the task's end."""
         self._task(task_id)
-        if self._query_flag("follow"):
+        if self._wants("json"):  # JSON on every route: the task, output included
+            self.show_task(task_id)
+        elif self._query_flag("follow"):
             self._send_chunks(200, TEXT, self._follow(task_id), live=True)
         else:
             with self._open_log(task_id) as f:

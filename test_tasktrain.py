@@ -557,6 +557,20 @@ def test_json_list_leaves_output_out_and_numbers_the_queue(tmp_path, daemons):
     (tmp_path / "go").touch()
 
 
+def test_every_route_answers_json_when_asked(daemon):
+    task_id = daemon.submit("example")
+    daemon.wait_status(task_id)
+    json_accept = {"Accept": "application/json"}
+    for method, path in [("GET", "/"), ("GET", "/tasks"), ("GET", f"/tasks/{task_id}"),
+                         ("GET", f"/tasks/{task_id}/log"), ("DELETE", f"/tasks/{task_id}"),
+                         ("GET", "/nope"), ("PUT", "/tasks")]:
+        resp = daemon.request(method, path, headers=json_accept)
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8", path
+        resp.json()
+    assert daemon.get(f"/tasks/{task_id}/log", headers=json_accept).json()["output"] == \
+        daemon.log(task_id)
+
+
 def test_errors_are_json_when_json_was_asked_for(idle_daemon):
     resp = idle_daemon.request("POST", "/task?name=x", headers={"Accept": "application/json"})
     assert resp.status == 400 and resp.json() == {"error": "Bad or missing name parameter."}
