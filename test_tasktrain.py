@@ -2,8 +2,9 @@
 
 Run with:  python3 -m pytest -q test_tasktrain.py
 
-Each test names the rule of the contract (../shared/SPEC.md) it checks. Waits poll
-the real API against a deadline; nothing sleeps hoping it is long enough.
+Each test is named after the rule it checks (the README and the project's contract
+say the rules). Waits poll the real API against a deadline; nothing sleeps hoping
+it is long enough.
 """
 
 import base64
