@@ -846,8 +846,7 @@ def render_json_list(tasks, scripts_label, position):
     """The task list as JSON, without output, a task at a time."""
     separator = b"["
     for task in tasks:
-        fields = task_fields(task, scripts_label,
-                             position(task.id) if task.status == "pending" else None)
+        fields = task_fields(task, scripts_label, position(task))
         yield separator + json.dumps(fields, ensure_ascii=False).encode()
         separator = b",\n"
     yield b"[]\n" if separator == b"[" else b"]\n"
@@ -1064,18 +1063,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         """The request body, checked against its declared length before it is read."""
-        if self.headers.get("Transfer-Encoding"):
+        length = self._declared_length()
+        if length < 0 and self.headers.get("Transfer-Encoding"):
             abort(411, "Send the body with a Content-Length.")
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit():
+        if length < 0:
             abort(400, "Bad Content-Length.")
-        if int(length) > MAX_BODY_BYTES:
+        if length > MAX_BODY_BYTES:
             abort(413, f"Body too large: at most {MAX_BODY_BYTES} bytes.")
         try:
-            body = self.rfile.read(int(length))
+            body = self.rfile.read(length)
         except (TimeoutError, socket.timeout):
             abort(408, "Timed out reading the body.")
-        if len(body) < int(length):
+        if len(body) < length:
             abort(400, "Body shorter than its Content-Length.")
         self.body_pending = False
         return body
@@ -1190,7 +1189,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store, label = self.server.store, self.server.scripts_label
         tasks = store.newest_first()
         if self._wants("json"):
-            self._send_chunks(200, JSON, render_json_list(tasks, label, store.position))
+            self._send_chunks(200, JSON, render_json_list(tasks, label, self._position))
         elif self._wants("text"):
             self._send_chunks(200, TEXT, render_records(tasks, label, self._open_log))
         else:

@@ -227,10 +227,12 @@ def test_bad_options_exit_2_with_usage(argv, tmp_path):
     assert proc.stderr.startswith("usage: tasktrain.py")
 
 
-def test_public_host_without_token_says_how_to_proceed():
+def test_public_host_without_token_says_how_to_proceed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tasktrain.parse_args(["--host", "192.0.2.1"])
     assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "not a loopback address" in message and "--token" in message and "--insecure" in message
     assert tasktrain.parse_args(["--host", "192.0.2.1", "--insecure"]).insecure
     assert tasktrain.parse_args(["--host=192.0.2.1", "--token", "t"]).token == "t"
     assert tasktrain.parse_args(["--host=::1"]).host == "::1"
