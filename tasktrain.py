@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import urllib.parse
 
 # ----------------------------------------------------------------------------
@@ -135,6 +136,15 @@ class Task:
     def finished(self):
         """Whether the task has ended (complete, failed or cancelled)."""
         return self.status in FINISHED
+
+
+class Submitted(typing.NamedTuple):
+    """What TaskStore.submit answers."""
+
+    task: Task                  # as queued: pending, even if it already runs
+    is_new: bool                # False: an identical task was pending already
+    position: "int | None"      # its place in the queue when queued (1 runs next)
+    synced: typing.Callable     # returns once the task is on disk
 
 
 class QueueFull(Exception):
@@ -226,8 +236,12 @@ class TaskStore:
         # Hold _lock whenever touching _db or the fields below. _pending holds the ids
         # of pending tasks in submission order and _pending_fingerprints maps their
         # fingerprints to them; both always agree with the table, as _finished does.
+        # _running is the task claimed for the runner and not yet finished: while it is
+        # set nothing else is claimed, so one task runs at a time, in order.
         self._lock = threading.Lock()
         self._db = db
+        self._running = None
+        self._claiming = True   # False once the runner has stopped
         self._commits = 0       # commits written to the WAL
         self._synced = 0        # commits known to be on disk
         self._syncing = False   # a thread is in fsync for the others
@@ -278,13 +292,16 @@ class TaskStore:
 
     @contextlib.contextmanager
     def _transaction(self):
-        """One commit for several writes; if it fails, the mirrors are read again."""
+        """One commit for several writes; if it fails, the mirrors are read again and
+        a claim made inside it is undone."""
+        running = self._running
         self._db.execute("BEGIN")
         try:
             yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._running = running
             self._load_mirrors()
             raise
 
@@ -302,18 +319,26 @@ class TaskStore:
         """One task's row, or the given columns of it."""
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
+    def _place(self, task_id):
+        """Place in the queue of a pending task (1 runs next), or None."""
+        i = bisect.bisect_left(self._pending, task_id)
+        return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
+
     def _forget_pending(self, task_id, fingerprint):
         """Take a task off the pending mirrors."""
         del self._pending[bisect.bisect_left(self._pending, task_id)]
-        del self._pending_fingerprints[fingerprint]
+        if self._pending_fingerprints.get(fingerprint) == task_id:
+            del self._pending_fingerprints[fingerprint]
 
     def _claim_next(self):
-        """Mark the oldest pending task running (uncommitted); None if none waits."""
-        if not self._pending:
+        """Mark the oldest pending task running for the runner, in a transaction the
+        caller commits; None if none waits, or the runner holds one, or has stopped."""
+        if self._running or not self._claiming or not self._pending:
             return None
         *row, body, fingerprint = self._row(self._pending[0], COLUMNS + ", body, fingerprint")
         task = task_from_row(row)
         started_us = time.time_ns() // 1000
+        self._running = task.id
         self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
                          (started_us, task.id))
         self._forget_pending(task.id, fingerprint)
@@ -367,12 +392,14 @@ class TaskStore:
 
     # -- the API; each call takes _lock itself --
 
-    def submit(self, name, params, body=b"", on_written=None):
-        """Write a new pending task, or find an identical one; returns (task, is_new, synced).
+    def submit(self, name, params, body=b"", on_claimed=None):
+        """Write a new pending task, or find an identical one; returns a Submitted:
+        the task as queued, whether it is new, its place in the queue, and `synced`,
+        which returns once the task is on disk: call it before answering.
 
-        `synced()` returns once the task is on disk: call it before answering. The
-        runner, woken by `on_written` as soon as the task is written, claims it while
-        the submitter renders its answer and syncs.
+        Given `on_claimed`, and if the runner holds no task, the oldest pending one
+        (this one, mostly) is claimed for it in the same commit and handed over with
+        `on_claimed(task, synced)`: one fsync then covers the answer and the start.
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
@@ -380,22 +407,25 @@ class TaskStore:
         with self._lock:
             same = self._pending_fingerprints.get(fingerprint)
             if same:  # perhaps written by a submitter still waiting for its fsync
-                return task_from_row(self._row(same)), False, functools.partial(
-                    self._sync, self._commits)
+                return Submitted(task_from_row(self._row(same)), False, self._place(same),
+                                 functools.partial(self._sync, self._commits))
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
             task = Task(format_id(us), name, params_json, "pending", us, body=body)
-            self._db.execute(
-                "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
-                "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                (task.id, name, params_json, body, fingerprint, us))
-            self._pending.append(task.id)
-            self._pending_fingerprints[fingerprint] = task.id
-            ticket = self._committed()
-        if on_written:
-            on_written()
-        return task, True, functools.partial(self._sync, ticket)
+            with self._transaction():
+                self._db.execute(
+                    "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    (task.id, name, params_json, body, fingerprint, us))
+                self._pending.append(task.id)
+                self._pending_fingerprints[fingerprint] = task.id
+                position = len(self._pending)
+                claimed = self._claim_next() if on_claimed else None
+            synced = functools.partial(self._sync, self._committed())
+        if claimed and on_claimed:
+            on_claimed(claimed, synced)
+        return Submitted(task, True, position, synced)
 
     def get(self, task_id):
         """The task with this id, or None."""
@@ -437,22 +467,40 @@ class TaskStore:
     def position(self, task_id):
         """Place in the queue of a pending task (1 runs next), or None."""
         with self._lock:
-            i = bisect.bisect_left(self._pending, task_id)
-            return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
+            return self._place(task_id)
 
     def claim_next(self):
-        """Mark the oldest pending task running; returns (task, synced), or (None, None).
+        """Mark the oldest pending task running for the runner, unless it holds one;
+        returns (task, synced), or None.
 
         The claim is written at once; `synced()` returns once it is on disk, and must
         be called before the task's first script starts. Deferring it lets an fsync
         that another thread starts meanwhile (a submitter's) cover the claim too.
         """
         with self._lock:
-            task = self._claim_next()
+            with self._transaction():
+                task = self._claim_next()
             if task is None:
-                return None, None
+                return None
             ticket = self._committed()
         return task, functools.partial(self._sync, ticket)
+
+    def stop_claiming(self):
+        """Claim nothing more: the runner has stopped. A task claimed for it that it
+        never started goes back to the head of the queue, to run after the next start."""
+        with self._lock:
+            self._claiming = False
+            task_id, self._running = self._running, None
+            if task_id is None:
+                return
+            with self._transaction():
+                self._db.execute("UPDATE tasks SET status = 'pending', started_us = NULL "
+                                 "WHERE id = ?", (task_id,))
+                bisect.insort(self._pending, task_id)
+                self._pending_fingerprints.setdefault(self._row(task_id, "fingerprint")[0],
+                                                      task_id)
+            ticket = self._committed()
+        self._sync(ticket)
 
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash."""
@@ -469,6 +517,7 @@ class TaskStore:
         """Record how a running task ended and prune; with claim_next, also claim the
         next task in the same commit, and return (task, synced) as claim_next() does."""
         with self._lock:
+            self._running = None  # even if the write fails: the runner is done with it
             with self._transaction():
                 self._db.execute(
                     "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
@@ -481,7 +530,7 @@ class TaskStore:
         self._delete_logs(pruned)
         if task is None:
             self._sync(ticket)
-            return None, None
+            return None
         return task, functools.partial(self._sync, ticket)
 
     def cancel_pending(self, task_id):
@@ -535,8 +584,10 @@ def append_line(path, line):
 class Runner:
     """The one thread that runs tasks, one at a time, in submission order.
 
-    `wakeups` gets one item per accepted task; the store decides which task is
-    next, so the order is the database's, also across restarts.
+    The store decides which task is next, so the order is the database's, also
+    across restarts. An idle runner waits on `handed_over` for a task the store
+    claimed for it (at a submission, or at start); a busy one claims the next task
+    itself as it finishes the last.
     """
 
     def __init__(self, store, scripts_dir, scripts_label, timeout_s=0, grace_s=DEFAULT_GRACE_S):
@@ -545,7 +596,7 @@ class Runner:
         self.scripts_label = scripts_label
         self.timeout_s = timeout_s
         self.grace_s = grace_s
-        self.wakeups = queue.Queue()
+        self.handed_over = queue.Queue()  # (task, synced), or None: stop
         self.devnull = os.open(os.devnull, os.O_RDONLY)  # stdin of a task without a body
         # Encoded once: Popen would encode every variable again for every script.
         self.env = {os.fsencode(k): os.fsencode(v)
@@ -560,14 +611,15 @@ class Runner:
         self._task_finished = threading.Condition()
 
     def start(self):
-        """Start the runner thread, with a wakeup for every task already pending."""
-        for _ in range(self.store.pending_count()):
-            self.wakeups.put(True)
+        """Start the runner thread, with the oldest pending task if there is one."""
+        claimed = self.store.claim_next()
+        if claimed:
+            self.hand_over(*claimed)
         self._thread.start()
 
-    def wake(self):
-        """Tell the runner a task was written."""
-        self.wakeups.put(True)
+    def hand_over(self, task, synced):
+        """Give the idle runner a task the store claimed for it."""
+        self.handed_over.put((task, synced))
 
     def shutdown(self, line):
         """Stop the running task (if any), run no other, and wait for the thread."""
@@ -575,7 +627,7 @@ class Runner:
         current = self._process
         if current:
             self._terminate(current[1])
-        self.wakeups.put(None)
+        self.handed_over.put(None)
         self._thread.join(self.grace_s + 10)
 
     def stop(self, task_id, status, line):
@@ -625,34 +677,33 @@ class Runner:
                 self._await_group(pgid)
 
     def _loop(self):
-        """Claim, run and finish tasks until the daemon stops."""
+        """Run and finish tasks until the daemon stops."""
         self._stop_orphans()
-        task = synced = None
+        claimed = None
         while True:
-            if task is None:
-                if self.wakeups.get() is None or self._shutdown:
-                    return
+            if claimed is None:
+                claimed = self.handed_over.get()
+            if claimed is None or self._shutdown:
+                self.store.stop_claiming()  # a task handed over but not started stays pending
+                return
+            task, synced = claimed
             try:
-                if task is None:
-                    task, synced = self.store.claim_next()  # None: cancelled while pending
-                    continue
-                try:
-                    status, exit_code, runs = self._run(task, synced)
-                except Exception:
-                    log.exception("task %s: the runner failed", task.id)
-                    status, exit_code, runs = "failed", None, []
-                self._stop_requests.pop(task.id, None)
-                if status != "complete":
-                    log.warning("task %s (%s) %s, exit code %s",
-                                task.id, task.name, status, exit_code)
+                status, exit_code, runs = self._run(task, synced)
+            except Exception:
+                log.exception("task %s: the runner failed", task.id)
+                status, exit_code, runs = "failed", None, []
+            self._stop_requests.pop(task.id, None)
+            if status != "complete":
+                log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
+            try:
                 # Finishing this task and claiming the next share one commit and one fsync.
-                task, synced = self.store.finish(task.id, status, exit_code, runs,
-                                                 claim_next=not self._shutdown)
+                claimed = self.store.finish(task.id, status, exit_code, runs,
+                                            claim_next=not self._shutdown)
             except (sqlite3.Error, OSError):
                 # A full or failing disk must not end the runner: the task keeps the
-                # state last written, and the next wakeup tries again.
+                # state last written, and the next submission hands over the oldest.
                 log.exception("the task store failed")
-                task = None
+                claimed = None
             with self._task_finished:
                 self._task_finished.notify_all()
 
@@ -1170,13 +1221,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             folder_shown = os.path.join(self.server.scripts_label, name)
             abort(404, f"No task named {name!r}: {folder_shown}/ holds no executable script.")
         try:
-            task, is_new, synced = self.server.store.submit(
-                name, params, body, on_written=self.server.runner.wake)
+            task, is_new, position, synced = self.server.store.submit(
+                name, params, body, on_claimed=self.server.runner.hand_over)
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
         if self._wants("json"):
-            fields = task_fields(task, self.server.scripts_label, self._position(task))
+            fields = task_fields(task, self.server.scripts_label, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))
         else:
             content_type = TEXT

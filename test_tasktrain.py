@@ -354,11 +354,70 @@ def test_a_failed_commit_leaves_the_queue_as_the_table_has_it(tmp_path):
     second = store.submit("example", {"i": "2"})[0]
     claimed, synced = store.claim_next()
     synced()
+    assert store.claim_next() is None  # one task at a time
     with pytest.raises(sqlite3.IntegrityError):  # status may not be NULL
         store.finish(claimed.id, None, 0, [], claim_next=True)
     assert (claimed.id, store.status(first.id)) == (first.id, "running")
     assert store.pending_count() == 1 and store.position(second.id) == 1
     assert store.submit("example", {"i": "2"})[1] is False  # still coalesces with it
+    store.close()
+
+
+def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    handed = []
+    first, second = (store.submit("example", {"i": i}, on_claimed=lambda *c: handed.append(c))
+                     for i in "12")
+    assert (first.task.status, first.position) == ("pending", 1)  # the answer: as queued
+    assert [task.id for task, _ in handed] == [first.task.id]  # one task at a time
+    assert store.status(first.task.id) == "running" and store.claim_next() is None
+    assert store.position(second.task.id) == 1
+    claimed, synced = store.finish(first.task.id, "complete", 0, [], claim_next=True)
+    assert claimed.id == second.task.id
+    store.close()
+
+
+def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    db.execute("CREATE TRIGGER no_claims BEFORE UPDATE OF status ON tasks "
+               "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.commit()
+    handed = []
+    with pytest.raises(sqlite3.DatabaseError):
+        store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c))
+    db.execute("DROP TRIGGER no_claims")
+    db.commit()
+    db.close()
+    assert store.pending_count() == 0 and not handed  # nothing queued, nothing claimed
+    store.submit("example", {"i": "2"}, on_claimed=lambda *c: handed.append(c))
+    assert len(handed) == 1
+    store.close()
+
+
+def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_stops(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    handed = []
+    first, twin = (store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c)).task
+                   for _ in range(2))  # twin: identical, queued once first was running
+    store.stop_claiming()
+    assert [store.position(t.id) for t in (first, twin)] == [1, 2]
+    assert store.claim_next() is None and len(handed) == 1
+    store.close()
+    store = tasktrain.TaskStore(str(tmp_path))  # the next start runs both, in order
+    claimed, _ = store.claim_next()
+    assert claimed.id == first.id
+    assert store.finish(first.id, "complete", 0, [], claim_next=True)[0].id == twin.id
+    store.close()
+
+
+def test_a_stopped_runner_is_handed_nothing_more(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    runner.start()
+    runner.shutdown("stopped")
+    task = store.submit("example", {}, on_claimed=runner.hand_over).task
+    assert store.status(task.id) == "pending"
     store.close()
 
 
