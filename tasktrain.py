@@ -1554,6 +1554,7 @@ def main(argv=None):
         log.error("cannot listen on %s port %d: %s", args.host, args.port, e.strerror)
         return 1
     stop_reader, stop_writer = catch_stop_signals()
+    pending = store.pending_count()  # before the runner claims the first of them
     runner.start()
     # The poll interval bounds how long a stop waits for the accept loop to notice.
     serving = threading.Thread(target=server.serve_forever, args=(0.05,), name="http", daemon=True)
@@ -1562,7 +1563,7 @@ def main(argv=None):
     host, port = server.server_address[:2]
     log.info("version %s; scripts go in %s/NAME/ (one folder per task name); state in %s",
              __version__, scripts_dir, state_dir)
-    log.info("%d task(s) pending", store.pending_count())
+    log.info("%d task(s) pending", pending)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"Server running at http://{shown_host}:{port}", flush=True)
 

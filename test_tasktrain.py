@@ -273,6 +273,7 @@ def test_sigterm_fails_running_task_keeps_pending_and_exits_0(tmp_path, daemons)
     assert d.signal(signal.SIGTERM) == 0
 
     d = daemons()
+    assert "3 task(s) pending" in d.stderr()
     task = d.wait_status(slow)
     assert task["status"] == "failed"
     assert "SIGTERM" in d.log(slow)
