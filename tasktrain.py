@@ -241,7 +241,7 @@ class TaskStore:
         self._lock = threading.Lock()
         self._db = db
         self._running = None
-        self._claiming = True   # False once the runner has stopped
+        self._claiming = False  # True while the runner is ready for tasks
         self._commits = 0       # commits written to the WAL
         self._synced = 0        # commits known to be on disk
         self._syncing = False   # a thread is in fsync for the others
@@ -485,6 +485,13 @@ class TaskStore:
             ticket = self._committed()
         return task, functools.partial(self._sync, ticket)
 
+    def start_claiming(self):
+        """Let tasks be claimed: the runner is ready. Returns the oldest pending task,
+        claimed, as claim_next() does."""
+        with self._lock:
+            self._claiming = True
+        return self.claim_next()
+
     def stop_claiming(self):
         """Claim nothing more: the runner has stopped. A task claimed for it that it
         never started goes back to the head of the queue, to run after the next start."""
@@ -586,8 +593,8 @@ class Runner:
 
     The store decides which task is next, so the order is the database's, also
     across restarts. An idle runner waits on `handed_over` for a task the store
-    claimed for it (at a submission, or at start); a busy one claims the next task
-    itself as it finishes the last.
+    claimed for it at a submission; a busy one claims the next task itself as it
+    finishes the last.
     """
 
     def __init__(self, store, scripts_dir, scripts_label, timeout_s=0, grace_s=DEFAULT_GRACE_S):
@@ -611,10 +618,7 @@ class Runner:
         self._task_finished = threading.Condition()
 
     def start(self):
-        """Start the runner thread, with the oldest pending task if there is one."""
-        claimed = self.store.claim_next()
-        if claimed:
-            self.hand_over(*claimed)
+        """Start the runner thread."""
         self._thread.start()
 
     def hand_over(self, task, synced):
@@ -679,7 +683,7 @@ class Runner:
     def _loop(self):
         """Run and finish tasks until the daemon stops."""
         self._stop_orphans()
-        claimed = None
+        claimed = self.store.start_claiming()  # the oldest task left pending, if any
         while True:
             if claimed is None:
                 claimed = self.handed_over.get()

@@ -353,7 +353,7 @@ def test_a_failed_commit_leaves_the_queue_as_the_table_has_it(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
     first = store.submit("example", {"i": "1"})[0]
     second = store.submit("example", {"i": "2"})[0]
-    claimed, synced = store.claim_next()
+    claimed, synced = store.start_claiming()
     synced()
     assert store.claim_next() is None  # one task at a time
     with pytest.raises(sqlite3.IntegrityError):  # status may not be NULL
@@ -366,6 +366,7 @@ def test_a_failed_commit_leaves_the_queue_as_the_table_has_it(tmp_path):
 
 def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
+    assert store.start_claiming() is None  # the runner is ready; nothing waits
     handed = []
     first, second = (store.submit("example", {"i": i}, on_claimed=lambda *c: handed.append(c))
                      for i in "12")
@@ -384,6 +385,7 @@ def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
     db.execute("CREATE TRIGGER no_claims BEFORE UPDATE OF status ON tasks "
                "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     db.commit()
+    store.start_claiming()
     handed = []
     with pytest.raises(sqlite3.DatabaseError):
         store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c))
@@ -398,6 +400,7 @@ def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
 
 def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_stops(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
+    store.start_claiming()
     handed = []
     first, twin = (store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c)).task
                    for _ in range(2))  # twin: identical, queued once first was running
@@ -406,7 +409,7 @@ def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_
     assert store.claim_next() is None and len(handed) == 1
     store.close()
     store = tasktrain.TaskStore(str(tmp_path))  # the next start runs both, in order
-    claimed, _ = store.claim_next()
+    claimed, _ = store.start_claiming()
     assert claimed.id == first.id
     assert store.finish(first.id, "complete", 0, [], claim_next=True)[0].id == twin.id
     store.close()
@@ -863,6 +866,22 @@ def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
     d.wait_status(queued)
     assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
     assert "left running by a daemon that died" in d.stderr()
+
+
+def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
+    add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "next", "run", "exit 0\n")
+    d = daemons()
+    d.submit("stubborn")
+    queued = d.submit("next")
+    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    orphan = int((tmp_path / "go.pid").read_text())
+    d.proc.kill()
+    d.proc.wait()
+    d = daemons("--grace", "1")
+    # Claimed now, it would be failed, never run, if this daemon died during the grace.
+    assert d.task(queued)["status"] == "pending" and not gone(orphan)
+    assert d.wait_status(queued)["status"] == "complete" and gone(orphan)
 
 
 def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daemons):
