@@ -688,14 +688,18 @@ class Runner:
             if claimed is None:
                 claimed = self.handed_over.get()
             if claimed is None or self._shutdown:
-                self.store.stop_claiming()  # a task handed over but not started stays pending
+                self.store.stop_claiming()  # a claimed task not yet begun goes back
                 return
             task, synced = claimed
             try:
-                status, exit_code, runs = self._run(task, synced)
+                outcome = self._run(task, synced)
             except Exception:
                 log.exception("task %s: the runner failed", task.id)
-                status, exit_code, runs = "failed", None, []
+                outcome = "failed", None, []
+            if outcome is None:  # not begun: stop_claiming puts it back in the queue
+                claimed = None
+                continue
+            status, exit_code, runs = outcome
             self._stop_requests.pop(task.id, None)
             if status != "complete":
                 log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
@@ -712,7 +716,8 @@ class Runner:
                 self._task_finished.notify_all()
 
     def _run(self, task, synced):
-        """Run a claimed task's scripts; returns (status, exit code, script runs).
+        """Run a claimed task's scripts; returns (status, exit code, script runs), or
+        None if the daemon began to stop before the first script did.
 
         The log, the scripts and the environment are prepared before `synced()`,
         which holds the first script back until the claim is on disk.
@@ -722,20 +727,22 @@ class Runner:
         env = dict(self.env)
         env[b"TASKTRAIN_TASK_ID"] = task.id.encode()
         env[b"TASKTRAIN_TASK_NAME"] = task.name.encode()
-        timer = None
-        if self.timeout_s:
-            timer = threading.Timer(self.timeout_s, self.stop,
-                                    (task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
-            timer.daemon = True
-            timer.start()
         runs, status, exit_code = [], "complete", 0
         with open(self.store.log_path(task.id), "ab", buffering=0) as out, \
                 stdin_for(task.body, self.devnull) as stdin:
             scripts = list_scripts(folder)
+            synced()
+            if self._shutdown and task.id not in self._stop_requests:
+                return None
             if not scripts:
                 out.write(MISSING_SCRIPTS.encode() + b"\n")
                 status, exit_code = "failed", 2
-            synced()
+            timer = None
+            if self.timeout_s:
+                timer = threading.Timer(self.timeout_s, self.stop, (
+                    task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
+                timer.daemon = True
+                timer.start()
             for i, path in enumerate(scripts):
                 if self._stop_reason(task.id):
                     break

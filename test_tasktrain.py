@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -412,6 +413,29 @@ def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_
     claimed, _ = store.start_claiming()
     assert claimed.id == first.id
     assert store.finish(first.id, "complete", 0, [], claim_next=True)[0].id == twin.id
+    store.close()
+
+
+def test_a_task_the_daemon_stops_before_its_first_script_stays_first_in_line(tmp_path):
+    add_script(tmp_path, "example", "run", f'touch "{tmp_path}/ran"\n')
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    runner.start()
+    stopping = threading.Thread(target=runner.shutdown, args=("stopped",))
+
+    def stop_while_syncing(task, synced):  # the daemon is told to stop during the fsync
+        def sync_then_stop():
+            synced()
+            stopping.start()
+            wait_for(lambda: runner.handed_over.qsize())  # shutdown's last word is queued
+        runner.hand_over(task, sync_then_stop)
+
+    task = store.submit("example", {}, on_claimed=stop_while_syncing).task
+    stopping_started = wait_for(lambda: stopping.ident)
+    stopping.join(DEADLINE_S)
+    assert stopping_started and not stopping.is_alive()
+    assert (store.status(task.id), store.position(task.id)) == ("pending", 1)
+    assert not (tmp_path / "ran").exists()
     store.close()
 
 
