@@ -743,30 +743,34 @@ class Runner:
                     task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
                 timer.daemon = True
                 timer.start()
+            # A stop counts if it kept a script from starting or came while one ran;
+            # one that comes after the last script has exited is too late to matter.
+            reason = None
             for i, path in enumerate(scripts):
-                if self._stop_reason(task.id):
+                reason = self._stop_reason(task.id)
+                if reason:
                     break
                 shown = os.path.join(label, os.path.basename(path))
                 out.write(command_line([shown] + task.args).encode() + b"\n")
-                exit_code, seconds = self._run_script(
+                exit_code, seconds, reason = self._run_script(
                     task, [path] + task.args, folder, env, stdin, out)
                 out.write(b"exit code: %d\n\n" % exit_code)
                 runs.append({"path": shown, "exit_code": exit_code, "seconds": round(seconds, 3)})
-                if exit_code != 0:
+                if exit_code != 0 or reason:
                     status = "failed"
                     break
                 if i + 1 < len(scripts):
                     self.store.record_scripts(task.id, runs)
             if timer:
                 timer.cancel()
-            reason = self._stop_reason(task.id)
             if reason:
                 status = reason[0]
                 out.write(reason[1].encode() + b"\n")
         return status, exit_code, runs
 
     def _run_script(self, task, argv, folder, env, stdin, out):
-        """Run one script in its own process group; returns (exit code, seconds)."""
+        """Run one script in its own process group; returns (exit code, seconds, the
+        stop that came while it ran, if one did)."""
         started = time.monotonic()
         if not isinstance(stdin, int):
             stdin.seek(0)  # every script reads the whole body
@@ -775,18 +779,20 @@ class Runner:
                                     stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             out.write(f"cannot run {argv[0]}: {e.strerror}\n".encode())
-            return (127 if isinstance(e, FileNotFoundError) else 126), time.monotonic() - started
+            exit_code = 127 if isinstance(e, FileNotFoundError) else 126
+            return exit_code, time.monotonic() - started, None
         self._process = (task.id, proc)
         if self._stop_reason(task.id):
             self._terminate(proc)
         self.store.record_process(task.id, proc.pid)
         returncode = proc.wait()
         self._process = None
-        if self._stop_reason(task.id):
+        stopped = self._stop_reason(task.id)
+        if stopped:
             self._await_group(proc.pid)
         # A script killed by signal N exits 128 + N, as a shell reports it.
         exit_code = returncode if returncode >= 0 else 128 - returncode
-        return exit_code, time.monotonic() - started
+        return exit_code, time.monotonic() - started, stopped
 
 
 @contextlib.contextmanager

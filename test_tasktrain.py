@@ -738,6 +738,17 @@ def test_cancel_running_task_kills_its_whole_group(tmp_path, daemons):
     assert d.request("DELETE", f"/tasks/{task_id}").status == 409
 
 
+def test_cancel_counts_even_when_the_script_cleans_up_and_exits_0(tmp_path, daemons):
+    add_script(tmp_path, "tidy", "run",
+               "trap 'echo cleaned up; exit 0' TERM\necho started\n" + UNTIL_GO)
+    d = daemons()
+    task_id = d.submit("tidy")
+    wait_for(lambda: "started" in d.log(task_id))
+    resp = d.request("DELETE", f"/tasks/{task_id}")
+    assert record_fields(resp.text)["STATUS"] == "cancelled"
+    assert "cleaned up\nexit code: 0" in d.log(task_id)
+
+
 def test_timeout_kills_the_group_and_fails_the_task(tmp_path, daemons):
     add_script(tmp_path, "hang", "run", "sleep 300 &\necho $! > \"$PIDS\"\nwait\n")
     pids = tmp_path / "pids"
