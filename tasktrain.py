@@ -1320,8 +1320,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if status == "running":
             runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
             runner.wait_finished(task_id, runner.grace_s + 5)
-        elif status != "cancelled" or task.finished:  # it ended before this request
-            abort(409, f"Task {task_id} has already finished ({status}).")
+            status = store.status(task_id)
+        if status in FINISHED and (status != "cancelled" or task.finished):
+            abort(409, f"Task {task_id} has already finished ({status}).")  # before this
         self.show_task(task_id)
 
     # -- helpers --
