@@ -423,7 +423,7 @@ class TaskStore:
                 position = len(self._pending)
                 claimed = self._claim_next() if on_claimed else None
             synced = functools.partial(self._sync, self._committed())
-        if claimed and on_claimed:
+        if claimed:
             on_claimed(claimed, synced)
         return Submitted(task, True, position, synced)
 
