@@ -669,7 +669,7 @@ class Runner:
     def _await_group(self, pgid):
         """After a stop: wait for the group's stragglers, then SIGKILL what is left."""
         deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline and signal_group(pgid, 0):
+        while time.monotonic() < deadline and group_alive(pgid):
             time.sleep(0.01)
         signal_group(pgid, signal.SIGKILL)
 
@@ -814,6 +814,33 @@ def signal_group(pgid, signum):
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def group_alive(pgid):
+    """Whether a process group has a member that has not exited.
+
+    Exited members linger as zombies until their parent reaps them: the daemon reaps
+    those that are its own (when it is PID 1, in a container, orphans become its
+    children); on Linux, those another PID 1 has yet to reap do not count.
+    """
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
+    if not signal_group(pgid, 0):
+        return False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except FileNotFoundError:  # macOS: a zombie counts as alive
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state, _, group = f.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != b"Z":
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------

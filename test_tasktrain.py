@@ -50,13 +50,13 @@ class Response:
 class Daemon:
     """tasktrain.py as a user runs it, with its own scripts and state under `root`."""
 
-    def __init__(self, root, *options, env=None):
+    def __init__(self, root, *options, env=None, wrapper=None):
         self.root = root
         self.scripts = root / "scripts.d"
         self.state = root / "state"
         self.stderr_path = root / "daemon.stderr"
-        cmd = [sys.executable, TASKTRAIN, "--port", "0", "--scripts-dir", str(self.scripts),
-               "--state-dir", str(self.state), *options]
+        cmd = [sys.executable, *(["-c", wrapper] if wrapper else []), TASKTRAIN, "--port", "0",
+               "--scripts-dir", str(self.scripts), "--state-dir", str(self.state), *options]
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                          env={**os.environ, **(env or {})})
@@ -174,8 +174,9 @@ def gone(pid):
 def daemons(tmp_path):
     started = []
 
-    def start(*options, env=None):
-        daemon = Daemon(tmp_path, *options, env={"GO": str(tmp_path / "go"), **(env or {})})
+    def start(*options, env=None, wrapper=None):
+        daemon = Daemon(tmp_path, *options, env={"GO": str(tmp_path / "go"), **(env or {})},
+                        wrapper=wrapper)
         started.append(daemon)
         return daemon
 
@@ -747,6 +748,35 @@ def test_cancel_counts_even_when_the_script_cleans_up_and_exits_0(tmp_path, daem
     resp = d.request("DELETE", f"/tasks/{task_id}")
     assert record_fields(resp.text)["STATUS"] == "cancelled"
     assert "cleaned up\nexit code: 0" in d.log(task_id)
+
+
+# Orphans go to the nearest "subreaper" (Linux), as to PID 1 in a container: these
+# run the daemon as one (its scripts' orphans become its children), or under one that
+# never reaps them (a busy or careless PID 1).
+AS_REAPER = ("import ctypes, os, sys\n"
+             "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER\n"
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+UNDER_IDLE_REAPER = ("import ctypes, signal, subprocess, sys\n"
+                     "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
+                     "daemon = subprocess.Popen([sys.executable] + sys.argv[1:])\n"
+                     "signal.signal(signal.SIGTERM, lambda *_: daemon.terminate())\n"
+                     "sys.exit(daemon.wait())\n")
+BACKGROUND_JOBS = 'for i in 1 2; do sleep 300 & echo $! >> "$GO.pids"; done\nwait\n'
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreapers are Linux's")
+@pytest.mark.parametrize("wrapper", [AS_REAPER, UNDER_IDLE_REAPER], ids=["own", "idle"])
+def test_a_cancel_does_not_wait_for_the_reaping_of_exited_scripts(tmp_path, daemons, wrapper):
+    add_script(tmp_path, "bgjobs", "run", BACKGROUND_JOBS)
+    d = daemons("--grace", "10", wrapper=wrapper)
+    task_id = d.submit("bgjobs")
+    pids = tmp_path / "go.pids"
+    wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2)
+    started = time.monotonic()
+    assert d.request("DELETE", f"/tasks/{task_id}").status == 200
+    assert time.monotonic() - started < 5  # not the --grace of 10 s
+    if wrapper == AS_REAPER:  # its own zombies, the daemon reaps
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.read_text().split())
 
 
 def test_timeout_kills_the_group_and_fails_the_task(tmp_path, daemons):
