@@ -943,7 +943,7 @@ def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, 
     orphan = int((tmp_path / "go.pid").read_text())
     d.proc.kill()
     d.proc.wait()
-    d = daemons("--grace", "1")
+    d = daemons("--grace", "2")
     # Claimed now, it would be failed, never run, if this daemon died during the grace.
     assert d.task(queued)["status"] == "pending" and not gone(orphan)
     assert d.wait_status(queued)["status"] == "complete" and gone(orphan)
