@@ -376,7 +376,7 @@ def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path
     assert [task.id for task, _ in handed] == [first.task.id]  # one task at a time
     assert store.status(first.task.id) == "running" and store.claim_next() is None
     assert store.position(second.task.id) == 1
-    claimed, synced = store.finish(first.task.id, "complete", 0, [], claim_next=True)
+    claimed, _ = store.finish(first.task.id, "complete", 0, [], claim_next=True)
     assert claimed.id == second.task.id
     store.close()
 
