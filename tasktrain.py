@@ -669,8 +669,10 @@ class Runner:
     def _await_group(self, pgid):
         """After a stop: wait for the group's stragglers, then SIGKILL what is left."""
         deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline and group_alive(pgid):
+        member = live_member(pgid)
+        while member is not None and time.monotonic() < deadline:
             time.sleep(0.01)
+            member = live_member(pgid, member)
         signal_group(pgid, signal.SIGKILL)
 
     def _stop_orphans(self):
@@ -816,31 +818,35 @@ def signal_group(pgid, signum):
         return False
 
 
-def group_alive(pgid):
-    """Whether a process group has a member that has not exited.
+def live_member(pgid, last=None):
+    """A process of the group that has not exited, or None once none is left.
 
     Exited members linger as zombies until their parent reaps them: the daemon reaps
     those that are its own (when it is PID 1, in a container, orphans become its
-    children); on Linux, those another PID 1 has yet to reap do not count.
+    children); on Linux, those another PID 1 has yet to reap do not count. `last`,
+    what the previous call found, is looked at before the rest.
     """
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-pgid, os.WNOHANG)[0]:
             pass
     if not signal_group(pgid, 0):
-        return False
+        return None
+    if not os.path.isdir("/proc"):  # macOS: a zombie counts as alive
+        return pgid
+    if last and member_runs(last, pgid):
+        return last
+    return next((pid for pid in os.listdir("/proc") if pid.isdigit() and member_runs(pid, pgid)),
+                None)
+
+
+def member_runs(pid, pgid):
+    """Whether process `pid` is in group `pgid` and has not exited (Linux)."""
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except FileNotFoundError:  # macOS: a zombie counts as alive
-        return True
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state, _, group = f.read().rsplit(b")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != b"Z":
-            return True
-    return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state, _, group = f.read().rsplit(b")", 1)[1].split()[:3]
+    except OSError:
+        return False
+    return int(group) == pgid and state != b"Z"
 
 
 # ----------------------------------------------------------------------------
