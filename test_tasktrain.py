@@ -914,18 +914,23 @@ def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons
     assert (tmp_path / "runs").read_text() == "ran\n"
 
 
+def kill_while_running(d, tmp_path, running, queued):
+    """kill -9 the daemon while task `running` runs (its script writes its pid to
+    $GO.pid) and task `queued` waits; returns the queued task's id and that pid."""
+    d.submit(running)
+    queued_id = d.submit(queued)
+    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    d.proc.kill()
+    d.proc.wait()
+    return queued_id, int((tmp_path / "go.pid").read_text())
+
+
 def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run",
                'state=$(awk \'{print $3}\' /proc/$(cat "$GO.pid")/stat 2>/dev/null)\n'
                'echo "orphan:${state:-gone}" > "$GO.out"\n')
-    d = daemons()
-    d.submit("slow")
-    queued = d.submit("next")
-    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
-    orphan = int((tmp_path / "go.pid").read_text())
-    d.proc.kill()
-    d.proc.wait()
+    queued, orphan = kill_while_running(daemons(), tmp_path, "slow", "next")
     assert not gone(orphan)
     d = daemons()
     d.wait_status(queued)
@@ -936,13 +941,7 @@ def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
 def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
-    d = daemons()
-    d.submit("stubborn")
-    queued = d.submit("next")
-    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
-    orphan = int((tmp_path / "go.pid").read_text())
-    d.proc.kill()
-    d.proc.wait()
+    queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
     d = daemons("--grace", "2")
     # Claimed now, it would be failed, never run, if this daemon died during the grace.
     assert d.task(queued)["status"] == "pending" and not gone(orphan)
