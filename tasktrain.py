@@ -234,8 +234,9 @@ class TaskStore:
             db.execute("PRAGMA synchronous=FULL")
             self._wal_fd = None
         # Hold _lock whenever touching _db or the fields below. _pending holds the ids
-        # of pending tasks in submission order and _pending_fingerprints maps their
-        # fingerprints to them; both always agree with the table, as _finished does.
+        # of pending tasks in submission order and _pending_fingerprints maps each of
+        # their fingerprints to one of them (two can share one after stop_claiming);
+        # both always agree with the table, as _finished does.
         # _running is the task claimed for the runner and not yet finished: while it is
         # set nothing else is claimed, so one task runs at a time, in order.
         self._lock = threading.Lock()
