@@ -8,6 +8,7 @@ it is long enough.
 """
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -917,9 +918,15 @@ def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons
 def kill_while_running(d, tmp_path, running, queued):
     """kill -9 the daemon while task `running` runs (its script writes its pid to
     $GO.pid) and task `queued` waits; returns the queued task's id and that pid."""
-    d.submit(running)
+    running_id = d.submit(running)
     queued_id = d.submit(queued)
     wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
+                                            uri=True)) as db:
+        # The daemon notes the script's process group just after starting it; a daemon
+        # killed before that cannot know the group (the README says so).
+        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
+                                    (running_id,)).fetchone()[0])
     d.proc.kill()
     d.proc.wait()
     return queued_id, int((tmp_path / "go.pid").read_text())
