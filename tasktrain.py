@@ -1590,14 +1590,20 @@ def main(argv=None):
     # Records and logs show the scripts folder as the user named it.
     scripts_label = (args.scripts_dir.rstrip("/") or "/") if args.scripts_dir else "scripts.d"
     state_dir = os.path.abspath(args.state_dir or os.path.join(HERE, "state"))
-    os.makedirs(scripts_dir, exist_ok=True)
-    os.makedirs(state_dir, exist_ok=True)
-
     try:
+        os.makedirs(scripts_dir, exist_ok=True)
+        os.makedirs(state_dir, exist_ok=True)
         store = TaskStore(state_dir, args.keep)
     except StateDirBusy:
         log.error("another Task Train is using %s; stop it first, or give this one "
                   "its own --state-dir", state_dir)
+        return 1
+    except OSError as e:  # a folder the daemon's user may not write, or a file in its place
+        reason = "it is not a folder" if isinstance(e, FileExistsError) else e.strerror
+        log.error("cannot use %s: %s", e.filename, reason)
+        return 1
+    except sqlite3.Error as e:
+        log.error("cannot open the task database in %s: %s", state_dir, e)
         return 1
     runner = Runner(store, scripts_dir, scripts_label, args.timeout, args.grace)
     try:

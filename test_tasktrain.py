@@ -259,6 +259,24 @@ def test_a_port_in_use_is_an_error_not_a_crash(tmp_path, daemons):
     assert proc.returncode == 1 and "cannot listen" in proc.stderr
 
 
+@pytest.mark.parametrize("layout, argv, message", [
+    ("file", ["--state-dir", "{tmp}/file"], "cannot use {tmp}/file: it is not a folder"),
+    ("file", ["--scripts-dir", "{tmp}/file/scripts.d"], "cannot use {tmp}/file/scripts.d: "),
+    ("junk db", ["--state-dir", "{tmp}"], "cannot open the task database in {tmp}: "),
+])
+def test_an_unusable_folder_or_database_is_one_line_and_exit_1(layout, argv, message, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    if layout == "junk db":
+        (tmp_path / "tasks.sqlite3").write_text("not a database\n" * 100)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    proc = subprocess.run([sys.executable, TASKTRAIN, "--port", "0", "--state-dir",
+                           str(tmp_path / "state"), *argv],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert message.format(tmp=tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
 def test_version_and_help_exit_0():
     for flag in ("--version", "--help"):
         proc = subprocess.run([sys.executable, TASKTRAIN, flag], capture_output=True, text=True,
