@@ -1124,6 +1124,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"  # so that a status line is sent
                 abort(400, "HTTP/0.9 is not supported.")
+            if self.headers.defects:
+                # The standard library drops a line it cannot parse and every header
+                # after it, a Content-Length too: whatever follows is not to be trusted.
+                self.close_connection = True
+                abort(400, "Malformed header line.")
             url = urllib.parse.urlsplit(self.path)
             self.query = url.query
             method = "GET" if self.command == "HEAD" else self.command

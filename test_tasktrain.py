@@ -1167,6 +1167,9 @@ MALFORMED = [
     (b"POST /task?name=example&k=%C3 HTTP/1.1\r\n\r\n", 400),
     (b"POST /task?name=example&k=%G1 HTTP/1.1\r\n\r\n", 400),
     (b"BREW /tasks HTTP/1.1\r\n\r\n", 501),
+    (b"POST /task?name=example HTTP/1.1\r\nNo colon\r\nContent-Length: 5\r\n\r\nhello", 400),
+    (b"POST /task?name=example HTTP/1.1\r\nContent-Length : 5\r\n\r\nhello", 400),
+    (b"GET / HTTP/1.1\r\n: no name\r\n\r\n", 400),
 ]
 
 
