@@ -1162,11 +1162,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- request parsing --
 
     def _declared_length(self):
-        """The body's declared length; -1 if chunked or malformed."""
+        """The body's declared length; -1 if chunked or malformed. Two different
+        lengths are malformed: a proxy in front may have trusted the other one."""
         if self.headers.get("Transfer-Encoding"):
             return -1
-        value = self.headers.get("Content-Length", "0").strip()
-        return int(value) if value.isdigit() else -1
+        values = {value.strip() for value in self.headers.get_all("Content-Length", ["0"])}
+        value = values.pop() if len(values) == 1 else ""
+        return int(value) if value.isascii() and value.isdigit() else -1
 
     def _read_body(self):
         """The request body, checked against its declared length before it is read."""

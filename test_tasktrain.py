@@ -1162,6 +1162,8 @@ MALFORMED = [
     (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /task?name=example HTTP/1.1\r\nContent-Length: \xb2\r\n\r\nab", 400),
+    (b"POST /task?name=example HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\nab", 400),
     (b"POST /task?name=example HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
     (b"POST /task?name=ex\xc3ample HTTP/1.1\r\n\r\n", 400),
     (b"POST /task?name=example&k=%C3 HTTP/1.1\r\n\r\n", 400),
@@ -1182,6 +1184,13 @@ def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(idle_daemon, 
     assert body.count(b"\n") == 1
     assert idle_daemon.get("/").status == 200
     assert idle_daemon.get("/tasks?format=json").json() == []
+
+
+def test_a_length_declared_twice_alike_is_one_length(daemon):
+    answer = raw_exchange(daemon.port, b"POST /task?name=example HTTP/1.1\r\n"
+                          b"Content-Type: text/plain\r\nContent-Length: 2\r\n"
+                          b"Content-Length: 2\r\n\r\nab")
+    assert answer.startswith(b"HTTP/1.1 201 ")
 
 
 def test_stalled_clients_do_not_hold_up_anyone(daemon):
