@@ -579,9 +579,19 @@ def read_chunks(f):
     return iter(functools.partial(f.read, COPY_CHUNK_BYTES), b"")
 
 
+def open_log(path):
+    """Open a task's log for appending, unbuffered; the logs folder is made again if
+    someone removed it, so that pending tasks still run."""
+    try:
+        return open(path, "ab", buffering=0)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "ab", buffering=0)
+
+
 def append_line(path, line):
     """Append one line the daemon says about a task to the task's log."""
-    with open(path, "ab") as f:
+    with open_log(path) as f:
         f.write(line.encode() + b"\n")
 
 
@@ -731,7 +741,7 @@ class Runner:
         env[b"TASKTRAIN_TASK_ID"] = task.id.encode()
         env[b"TASKTRAIN_TASK_NAME"] = task.name.encode()
         runs, status, exit_code = [], "complete", 0
-        with open(self.store.log_path(task.id), "ab", buffering=0) as out, \
+        with open_log(self.store.log_path(task.id)) as out, \
                 stdin_for(task.body, self.devnull) as stdin:
             scripts = list_scripts(folder)
             synced()
@@ -1607,7 +1617,7 @@ def main(argv=None):
         return 1
     except OSError as e:  # a folder the daemon's user may not write, or a file in its place
         reason = "it is not a folder" if isinstance(e, FileExistsError) else e.strerror
-        log.error("cannot use %s: %s", e.filename, reason)
+        log.error("cannot use %s: %s", e.filename or state_dir, reason)
         return 1
     except sqlite3.Error as e:
         log.error("cannot open the task database in %s: %s", state_dir, e)

@@ -904,6 +904,14 @@ def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons
     assert task["output"] == "Missing scripts for this task name.\n"
 
 
+def test_a_removed_logs_folder_is_made_again_and_tasks_still_run(tmp_path, daemons):
+    add_script(tmp_path, "hello", "run", "echo hello\n")
+    d = daemons()
+    (d.state / "logs").rmdir()
+    task = d.wait_status(d.submit("hello"))
+    assert task["status"] == "complete" and "\nhello\n" in task["output"]
+
+
 def test_output_reaches_disk_as_it_comes(tmp_path, daemons):
     add_script(tmp_path, "talk", "run", "echo early\n" + UNTIL_GO)
     d = daemons()
