@@ -72,6 +72,7 @@ MAX_PENDING = 10_000
 RETRY_AFTER_S = 30
 IDLE_TIMEOUT_S = 30
 FOLLOW_POLL_S = 0.02
+STREAMS_END_S = 1.0  # at a stop, how long follow streams get to send their last lines
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
 LIST_REFRESH_S = 3
@@ -1341,22 +1342,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self._wants("json"):  # JSON on every route: the task, output included
             self.show_task(task_id)
         elif self._query_flag("follow"):
-            self._send_chunks(200, TEXT, self._follow(task_id), live=True)
+            with self.server.stream():
+                self._send_chunks(200, TEXT, self._follow(task_id), live=True)
         else:
             with self._open_log(task_id) as f:
                 self._send_file(200, TEXT, f)
 
     def _follow(self, task_id):
-        """The log as it is written: waits while the task is pending, ends when it ends."""
+        """The log as it is written: waits while the task is pending, ends when it ends
+        or when the daemon stops."""
         path, store, f = self.server.store.log_path(task_id), self.server.store, None
         try:
             while True:
-                status = store.status(task_id)
+                # Both are read before the log, so that the last read has every line.
+                status, stopping = store.status(task_id), self.server.stopping.is_set()
                 if f is None and os.path.exists(path):
                     f = open(path, "rb")
                 if f:
                     yield from read_chunks(f)
-                if status is None or status in FINISHED:
+                if status is None or status in FINISHED or stopping:
                     return
                 time.sleep(FOLLOW_POLL_S)
         finally:
@@ -1518,7 +1522,30 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.token = token
         self.secret = secret
         self.request_counter = itertools.count(1)
+        # Set once the runner has stopped: follow streams then send what is left of
+        # their log, and end the answer properly instead of being cut off at exit.
+        self.stopping = threading.Event()
+        self._streams = 0
+        self._streams_changed = threading.Condition()
         super().__init__(address, Handler)
+
+    @contextlib.contextmanager
+    def stream(self):
+        """Count a follow stream while it lasts, so that a stop can wait for it."""
+        with self._streams_changed:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._streams_changed:
+                self._streams -= 1
+                self._streams_changed.notify_all()
+
+    def end_streams(self, timeout_s):
+        """Tell the follow streams to end, and wait a while for them to finish."""
+        self.stopping.set()
+        with self._streams_changed:
+            self._streams_changed.wait_for(lambda: self._streams == 0, timeout_s)
 
 
 # ----------------------------------------------------------------------------
@@ -1648,6 +1675,7 @@ def main(argv=None):
     server.server_close()
     runner.shutdown(f"Task Train was stopped ({signame}) while this task ran; "
                     "its scripts were stopped.")
+    server.end_streams(STREAMS_END_S)
     store.close()
     stop_reader.close()
     stop_writer.close()

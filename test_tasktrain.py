@@ -302,6 +302,25 @@ def test_sigterm_fails_running_task_keeps_pending_and_exits_0(tmp_path, daemons)
         assert d.wait_status(task_id)["status"] == "complete"
 
 
+def test_a_stop_ends_follow_streams_properly_with_the_last_lines(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", "echo started; sleep 30\n")
+    d = daemons("--grace", "5")
+    running, pending = d.submit("slow"), d.submit("slow", n="2")
+    wait_for(lambda: "started" in d.log(running))
+    streams = []
+    for task_id in (running, pending):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
+        conn.request("GET", f"/tasks/{task_id}/log?follow=1")
+        streams.append(conn.getresponse())
+    assert d.signal(signal.SIGTERM) == 0
+    # read() raises IncompleteRead if a chunked answer is cut off before its end
+    followed_running, followed_pending = (resp.read().decode() for resp in streams)
+    assert followed_running.startswith(f"{d.scripts}/slow/run --name=slow\nstarted\n")
+    assert followed_running.endswith("exit code: 143\n\nTask Train was stopped (SIGTERM) "
+                                     "while this task ran; its scripts were stopped.\n")
+    assert followed_pending == ""
+
+
 def test_sigint_also_stops_cleanly(daemon):
     assert daemon.signal(signal.SIGINT) == 0
 
