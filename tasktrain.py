@@ -1010,15 +1010,21 @@ def render_list_html(tasks, pending, busy):
 FOLLOW_SCRIPT = """<script>
 (async () => {
   const out = document.getElementById("output");
-  const response = await fetch(%s, {cache: "no-store"});
-  const reader = response.body.getReader(), decoder = new TextDecoder();
-  let first = true;
-  for (;;) {
-    const {done, value} = await reader.read();
-    if (done) break;
-    if (first) { out.textContent = ""; first = false; }
-    out.append(decoder.decode(value, {stream: true}));
-  }
+  try {
+    const response = await fetch(%s, {cache: "no-store"});
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let first = true;
+    for (;;) {
+      const {done, value} = await reader.read();
+      if (done) break;
+      if (first) { out.textContent = ""; first = false; }
+      out.append(decoder.decode(value, {stream: true}));
+    }
+  } catch (e) {}
+  // The stream ends with the task, or with the daemon: reload once it answers again.
+  const answers = () => fetch(location.href, {method: "HEAD", cache: "no-store"})
+    .then(r => r.ok, () => false);
+  while (!(await answers())) await new Promise(wake => setTimeout(wake, 2000));
   location.reload();
 })();
 </script>"""
