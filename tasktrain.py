@@ -1023,7 +1023,7 @@ FOLLOW_SCRIPT = """<script>
   } catch (e) {}
   // The stream ends with the task, or with the daemon: reload once it answers again.
   const answers = () => fetch(location.href, {method: "HEAD", cache: "no-store"})
-    .then(r => r.ok, () => false);
+    .then(() => true, () => false);
   while (!(await answers())) await new Promise(wake => setTimeout(wake, 2000));
   location.reload();
 })();
