@@ -72,6 +72,7 @@ MAX_PENDING = 10_000
 RETRY_AFTER_S = 30
 IDLE_TIMEOUT_S = 30
 FOLLOW_POLL_S = 0.02
+STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to record a task's end
 STREAMS_END_S = 1.0  # at a stop, how long follow streams get to send their last lines
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
@@ -302,7 +303,8 @@ class TaskStore:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a full disk makes SQLite roll back by itself
+                self._db.execute("ROLLBACK")
             self._running = running
             self._load_mirrors()
             raise
@@ -526,12 +528,12 @@ class TaskStore:
         """Record how a running task ended and prune; with claim_next, also claim the
         next task in the same commit, and return (task, synced) as claim_next() does."""
         with self._lock:
-            self._running = None  # even if the write fails: the runner is done with it
             with self._transaction():
                 self._db.execute(
                     "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
                     "WHERE id = ?",
                     (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
+                self._running = None  # if the commit fails, it still holds the runner
                 self._finished += 1
                 pruned = self._prune()
                 task = self._claim_next() if claim_next else None
@@ -717,17 +719,29 @@ class Runner:
             self._stop_requests.pop(task.id, None)
             if status != "complete":
                 log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
-            try:
-                # Finishing this task and claiming the next share one commit and one fsync.
-                claimed = self.store.finish(task.id, status, exit_code, runs,
-                                            claim_next=not self._shutdown)
-            except (sqlite3.Error, OSError):
-                # A full or failing disk must not end the runner: the task keeps the
-                # state last written, and the next submission hands over the oldest.
-                log.exception("the task store failed")
-                claimed = None
+            claimed = self._finish(task.id, status, exit_code, runs)
             with self._task_finished:
                 self._task_finished.notify_all()
+
+    def _finish(self, task_id, status, exit_code, runs):
+        """Record how a task ended, and claim the next in the same commit and fsync.
+
+        While the store cannot be written (a full disk) it tries again, and nothing
+        else is claimed, so the queue goes on in order once there is room.
+        """
+        while True:
+            try:
+                return self.store.finish(task_id, status, exit_code, runs,
+                                         claim_next=not self._shutdown)
+            except sqlite3.Error as e:
+                log.error("task %s: cannot record that it ended (%s); trying again in %g s",
+                          task_id, e, STORE_RETRY_S)
+            except OSError:  # committed, but the fsync failed: the disk itself is failing
+                log.exception("task %s: the task store failed", task_id)
+                return None
+            if self._shutdown:
+                return None
+            time.sleep(STORE_RETRY_S)
 
     def _run(self, task, synced):
         """Run a claimed task's scripts; returns (status, exit code, script runs), or
@@ -774,7 +788,8 @@ class Runner:
                     status = "failed"
                     break
                 if i + 1 < len(scripts):
-                    self.store.record_scripts(task.id, runs)
+                    with contextlib.suppress(sqlite3.Error):  # a full disk: finish has them
+                        self.store.record_scripts(task.id, runs)
             if timer:
                 timer.cancel()
             if reason:
@@ -798,7 +813,8 @@ class Runner:
         self._process = (task.id, proc)
         if self._stop_reason(task.id):
             self._terminate(proc)
-        self.store.record_process(task.id, proc.pid)
+        with contextlib.suppress(sqlite3.Error):  # a full disk must not orphan the script
+            self.store.record_process(task.id, proc.pid)
         returncode = proc.wait()
         self._process = None
         stopped = self._stop_reason(task.id)
@@ -1158,6 +1174,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             getattr(self, methods[method])(*args)
         except HTTPError as e:
             self._send_reason(e.status, e.reason, e.headers)
+        except sqlite3.OperationalError as e:  # a full disk: the transaction was rolled back
+            log.error("cannot write the task store: %s", e)
+            if self.sent:
+                self.close_connection = True
+            else:
+                self._send_reason(503, f"The task store cannot be written ({e}); nothing "
+                                  "was changed. Try again later.",
+                                  {"Retry-After": str(RETRY_AFTER_S)})
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True
         except Exception:

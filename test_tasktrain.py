@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -435,6 +436,27 @@ def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
     assert store.pending_count() == 0 and not handed  # nothing queued, nothing claimed
     store.submit("example", {"i": "2"}, on_claimed=lambda *c: handed.append(c))
     assert len(handed) == 1
+    store.close()
+
+
+def test_a_task_whose_end_cannot_be_written_still_holds_the_runner(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    store.start_claiming()
+    handed = []
+    first = store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c)).task
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    db.execute("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tasks "
+               "WHEN NEW.status = 'complete' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.commit()
+    with pytest.raises(sqlite3.DatabaseError):
+        store.finish(first.id, "complete", 0, [], claim_next=True)
+    second = store.submit("example", {"i": "2"}, on_claimed=lambda *c: handed.append(c)).task
+    assert len(handed) == 1 and store.claim_next() is None  # still one task at a time
+    db.execute("DROP TRIGGER disk_full")
+    db.commit()
+    db.close()
+    claimed, _ = store.finish(first.id, "complete", 0, [], claim_next=True)  # the retry
+    assert claimed.id == second.id and store.status(first.id) == "complete"
     store.close()
 
 
@@ -921,6 +943,34 @@ def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons
     task = d.wait_status(doomed)
     assert task["status"] == "failed" and task["exit_code"] == 2
     assert task["output"] == "Missing scripts for this task name.\n"
+
+
+# Files may not grow past 96 KiB, as on a full disk (SIGXFSZ ignored: the write fails).
+FULL_DISK = ("import os, resource, signal, sys\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))\n"
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(tmp_path,
+                                                                                 daemons):
+    add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
+    d = daemons(wrapper=FULL_DISK)
+    accepted = []
+    for i in range(200):
+        resp = d.request("POST", f"/task?name=quick&i={i}")
+        if resp.status != 201:
+            break
+        accepted.append(record_fields(resp.text)["ID"])
+    assert resp.status == 503 and resp.headers["Retry-After"]
+    assert "task store cannot be written" in resp.text and resp.text.count("\n") == 1
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    accepted.append(d.submit("quick", i="late"))
+    for task_id in accepted:
+        assert d.wait_status(task_id)["status"] == "complete"
+    ran = (tmp_path / "go.ran").read_text().split()
+    assert ran == [f"--i={i}" for i in range(len(accepted) - 1)] + ["--i=late"]
 
 
 def test_a_removed_logs_folder_is_made_again_and_tasks_still_run(tmp_path, daemons):
