@@ -188,6 +188,11 @@ def has_scripts(folder):
     return bool(list_scripts(folder, first_only=True))
 
 
+def printable(path):
+    """A path as text to show: bytes of its name that are not UTF-8 become U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id          TEXT PRIMARY KEY,   -- uniqid(): sorts in submission order
@@ -778,7 +783,7 @@ class Runner:
                 reason = self._stop_reason(task.id)
                 if reason:
                     break
-                shown = os.path.join(label, os.path.basename(path))
+                shown = printable(os.path.join(label, os.path.basename(path)))
                 out.write(command_line([shown] + task.args).encode() + b"\n")
                 exit_code, seconds, reason = self._run_script(
                     task, [path] + task.args, folder, env, stdin, out)
@@ -1662,7 +1667,8 @@ def main(argv=None):
                         format="%(asctime)s tasktrain: %(message)s")
     scripts_dir = os.path.abspath(args.scripts_dir or os.path.join(HERE, "scripts.d"))
     # Records and logs show the scripts folder as the user named it.
-    scripts_label = (args.scripts_dir.rstrip("/") or "/") if args.scripts_dir else "scripts.d"
+    scripts_label = (printable(args.scripts_dir.rstrip("/") or "/") if args.scripts_dir
+                     else "scripts.d")
     state_dir = os.path.abspath(args.state_dir or os.path.join(HERE, "state"))
     try:
         os.makedirs(scripts_dir, exist_ok=True)

@@ -981,6 +981,22 @@ def test_a_removed_logs_folder_is_made_again_and_tasks_still_run(tmp_path, daemo
     assert task["status"] == "complete" and "\nhello\n" in task["output"]
 
 
+def test_a_script_whose_name_is_not_utf8_runs_and_shows_as_u_fffd(tmp_path, daemons):
+    add_script(tmp_path, "odd", "run", "echo ran\n")
+    try:
+        folder = os.fsencode(tmp_path / "scripts.d" / "odd")
+        os.rename(folder + b"/run", folder + b"/r\xffn")
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    d = daemons()
+    task = d.wait_status(d.submit("odd"))
+    assert task["status"] == "complete"
+    assert task["output"].startswith(f"'{d.scripts}/odd/r\ufffdn' --name=odd\nran\n")
+    assert task["scripts"][0]["path"] == f"{d.scripts}/odd/r\ufffdn"
+    for accept in ("text/plain", "text/html"):
+        assert d.get(f"/tasks/{task['id']}", headers={"Accept": accept}).status == 200
+
+
 def test_output_reaches_disk_as_it_comes(tmp_path, daemons):
     add_script(tmp_path, "talk", "run", "echo early\n" + UNTIL_GO)
     d = daemons()
