@@ -1225,6 +1225,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad Content-Length.")
         if length > MAX_BODY_BYTES:
             abort(413, f"Body too large: at most {MAX_BODY_BYTES} bytes.")
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version != "HTTP/1.0"):
+            self.send_response_only(100)
+            self.end_headers()
+            self.wfile.flush()  # left in the write buffer, it would stall curl a second
         try:
             body = self.rfile.read(length)
         except (TimeoutError, socket.timeout):
@@ -1513,10 +1518,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.headers is not None and "application/json" in self.headers.get("Accept", "")
 
     def handle_expect_100(self):
-        """Send `100 Continue` now: left in the write buffer it stalls curl a second."""
-        ready = super().handle_expect_100()
-        self.wfile.flush()
-        return ready
+        """Hold `100 Continue` back until the body is wanted (see _read_body), so that
+        a body that is refused (401, 411, 413) is never sent."""
+        return True
 
     def send_error(self, code, message=None, explain=None):
         """The base class's answer to a malformed request, as a one-line plain text."""

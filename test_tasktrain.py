@@ -1237,6 +1237,22 @@ def test_expect_100_continue_is_answered_at_once(tmp_path, daemons):
         assert b"201 Created" in s.recv(4096)
 
 
+@pytest.mark.parametrize("options, headers, status", [
+    ((), b"Content-Length: 2000000\r\n", b"413"),
+    ((), b"Transfer-Encoding: chunked\r\n", b"411"),
+    (("--token", "t"), b"Content-Length: 5\r\n", b"401"),
+    (("--secret", "s"), b"Content-Length: 5\r\n", b"401"),
+])
+def test_a_body_that_will_be_refused_is_refused_before_100_continue(tmp_path, daemons,
+                                                                   options, headers, status):
+    add_script(tmp_path, "hook", "run", "cat\n")
+    d = daemons(*options)
+    answer = raw_exchange(d.port, b"POST /task?name=hook HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: text/plain\r\nExpect: 100-continue\r\n" + headers +
+                          b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+
+
 def test_body_up_to_1_mib_is_accepted(tmp_path, daemons):
     add_script(tmp_path, "big", "run", "wc -c\n")
     d = daemons()
