@@ -518,6 +518,13 @@ class TaskStore:
             ticket = self._committed()
         self._sync(ticket)
 
+    def release(self, task_id):
+        """Let go of a task whose end could not be written, without putting it back in
+        the queue: it ran, so it must never run again."""
+        with self._lock:
+            if self._running == task_id:
+                self._running = None
+
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash."""
         with self._lock:
@@ -744,7 +751,8 @@ class Runner:
             except OSError:  # committed, but the fsync failed: the disk itself is failing
                 log.exception("task %s: the task store failed", task_id)
                 return None
-            if self._shutdown:
+            if self._shutdown:  # it stays running in the table: the next start fails it
+                self.store.release(task_id)
                 return None
             time.sleep(STORE_RETRY_S)
 

@@ -460,6 +460,26 @@ def test_a_task_whose_end_cannot_be_written_still_holds_the_runner(tmp_path):
     store.close()
 
 
+def test_a_task_whose_end_cannot_be_written_is_not_run_again_after_a_stop(tmp_path):
+    add_script(tmp_path, "example", "run", f'echo ran >> "{tmp_path}/ran"\n')
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    db = sqlite3.connect(tmp_path / "state" / "tasks.sqlite3")
+    db.execute("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tasks "
+               "WHEN NEW.status = 'complete' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.commit()
+    db.close()
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    runner.start()
+    task = store.submit("example", {}, on_claimed=runner.hand_over).task
+    wait_for(lambda: (tmp_path / "ran").exists())
+    runner.shutdown("stopped")  # while it tries again to write the task's end
+    assert store.status(task.id) == "running" and store.pending_count() == 0
+    store.close()
+    store = tasktrain.TaskStore(str(tmp_path / "state"))  # the next start
+    assert store.status(task.id) == "failed" and store.start_claiming() is None
+    store.close()
+
+
 def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_stops(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
     store.start_claiming()
