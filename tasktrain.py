@@ -700,6 +700,7 @@ class Runner:
             time.sleep(0.01)
             member = live_member(pgid, member)
         signal_group(pgid, signal.SIGKILL)
+        reap_group(pgid)  # those that died after the last look
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
@@ -739,22 +740,23 @@ class Runner:
         """Record how a task ended, and claim the next in the same commit and fsync.
 
         While the store cannot be written (a full disk) it tries again, and nothing
-        else is claimed, so the queue goes on in order once there is room.
+        else is claimed, so the queue goes on in order once there is room. A task
+        given up on stays running in the table, and the next start marks it failed.
         """
         while True:
             try:
                 return self.store.finish(task_id, status, exit_code, runs,
                                          claim_next=not self._shutdown)
-            except sqlite3.Error as e:
-                log.error("task %s: cannot record that it ended (%s); trying again in %g s",
-                          task_id, e, STORE_RETRY_S)
-            except OSError:  # committed, but the fsync failed: the disk itself is failing
+            except sqlite3.OperationalError as e:  # a full or locked disk: worth another try
+                log.error("task %s: cannot record that it ended: %s", task_id, e)
+                if self._shutdown:
+                    break
+                time.sleep(STORE_RETRY_S)
+            except (sqlite3.Error, OSError):  # a bug, or a failed fsync: no use trying again
                 log.exception("task %s: the task store failed", task_id)
-                return None
-            if self._shutdown:  # it stays running in the table: the next start fails it
-                self.store.release(task_id)
-                return None
-            time.sleep(STORE_RETRY_S)
+                break
+        self.store.release(task_id)
+        return None
 
     def _run(self, task, synced):
         """Run a claimed task's scripts; returns (status, exit code, script runs), or
@@ -867,9 +869,7 @@ def live_member(pgid, last=None):
     children); on Linux, those another PID 1 has yet to reap do not count. `last`,
     what the previous call found, is looked at before the rest.
     """
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-pgid, os.WNOHANG)[0]:
-            pass
+    reap_group(pgid)
     if not signal_group(pgid, 0):
         return None
     if not os.path.isdir("/proc"):  # macOS: a zombie counts as alive
@@ -878,6 +878,13 @@ def live_member(pgid, last=None):
         return last
     return next((pid for pid in os.listdir("/proc") if pid.isdigit() and member_runs(pid, pgid)),
                 None)
+
+
+def reap_group(pgid):
+    """Collect the exited members of a group that are the daemon's own children."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
 
 
 def member_runs(pid, pgid):

@@ -993,6 +993,28 @@ def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(
     assert ran == [f"--i={i}" for i in range(len(accepted) - 1)] + ["--i=late"]
 
 
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+def test_a_stop_while_a_tasks_end_cannot_be_written_fails_it_at_the_next_start(tmp_path,
+                                                                             daemons):
+    add_script(tmp_path, "gate", "run", UNTIL_GO + 'echo gate >> "$GO.ran"\n')
+    add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
+    d = daemons(wrapper=FULL_DISK)
+    gate = d.submit("gate")
+    queued = []
+    while (resp := d.request("POST", f"/task?name=quick&i={len(queued)}")).status == 201:
+        queued.append(record_fields(resp.text)["ID"])
+    (tmp_path / "go").touch()  # the tasks run until one's end no longer fits
+    stuck = wait_for(lambda: re.search(r"task (\w+): cannot record that it ended",
+                                       d.stderr()))[1]
+    assert d.signal(signal.SIGTERM) == 0
+    d = daemons()
+    assert d.task(stuck)["status"] == "failed"  # it ran: failed, as after a crash
+    for task_id in {gate, *queued} - {stuck}:
+        assert d.wait_status(task_id)["status"] == "complete"
+    assert (tmp_path / "go.ran").read_text().split() == ["gate"] + [
+        f"--i={i}" for i in range(len(queued))]  # each once, in order
+
+
 def test_a_removed_logs_folder_is_made_again_and_tasks_still_run(tmp_path, daemons):
     add_script(tmp_path, "hello", "run", "echo hello\n")
     d = daemons()
