@@ -641,6 +641,7 @@ class Runner:
         self._process = None        # (task id, Popen) of the script running now
         self._stop_requests = {}    # task id -> (status, line for the log)
         self._shutdown = None       # (status, line) once the daemon is stopping
+        self._stopping = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
 
     def start(self):
@@ -654,6 +655,7 @@ class Runner:
     def shutdown(self, line):
         """Stop the running task (if any), run no other, and wait for the thread."""
         self._shutdown = ("failed", line)
+        self._stopping.set()
         current = self._process
         if current:
             self._terminate(current[1])
@@ -751,7 +753,7 @@ class Runner:
                 log.error("task %s: cannot record that it ended: %s", task_id, e)
                 if self._shutdown:
                     break
-                time.sleep(STORE_RETRY_S)
+                self._stopping.wait(STORE_RETRY_S)
             except (sqlite3.Error, OSError):  # a bug, or a failed fsync: no use trying again
                 log.exception("task %s: the task store failed", task_id)
                 break
