@@ -542,8 +542,8 @@ class TaskStore:
         with self._lock:
             with self._transaction():
                 self._db.execute(
-                    "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ? "
-                    "WHERE id = ?",
+                    "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ?, "
+                    "body = x'' WHERE id = ?",  # the body is for its scripts only
                     (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
                 self._running = None  # if the commit fails, it still holds the runner
                 self._finished += 1
@@ -563,8 +563,8 @@ class TaskStore:
             if not row or row[0] != "pending":
                 return row[0] if row else None
             with self._transaction():
-                self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ? "
-                                 "WHERE id = ?", (time.time_ns() // 1000, task_id))
+                self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ?, "
+                                 "body = x'' WHERE id = ?", (time.time_ns() // 1000, task_id))
                 self._forget_pending(task_id, row[1])
                 self._finished += 1
                 pruned = self._prune()

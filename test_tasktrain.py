@@ -937,6 +937,21 @@ def test_body_is_fed_to_every_script_on_stdin(tmp_path, daemons):
     assert "\nend\n" in task["output"]
 
 
+def test_a_body_is_kept_until_its_task_has_ended(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    add_script(tmp_path, "stdin", "run", "cat\n")
+    d = daemons()
+    d.submit("block")
+    ran, cancelled = (d.submit("stdin", body=b"payload %d" % i,
+                               headers={"Content-Type": "text/plain"}) for i in range(2))
+    assert d.request("DELETE", f"/tasks/{cancelled}").status == 200
+    (tmp_path / "go").touch()
+    assert "payload 0" in d.wait_status(ran)["output"]
+    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
+                                            uri=True)) as db:
+        assert db.execute("SELECT sum(length(body)) FROM tasks").fetchone() == (0,)
+
+
 def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
     add_script(tmp_path, "seq", "run",
                'echo "start $2" >> "$OUT"; sleep 0.05; echo "end $2" >> "$OUT"\n')
