@@ -263,7 +263,7 @@ class TaskStore:
             same_boot = boot_id is not None and last_boot == (boot_id,)
             self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
             with self._transaction():
-                db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
+                db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, body = x'' "
                            "WHERE status = 'running'", (now,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
             ticket = self._committed()
