@@ -73,7 +73,7 @@ RETRY_AFTER_S = 30
 IDLE_TIMEOUT_S = 30
 FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to record a task's end
-STREAMS_END_S = 1.0  # at a stop, how long follow streams get to send their last lines
+ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
 LIST_REFRESH_S = 3
@@ -82,6 +82,7 @@ LIST_REFRESH_S = 3
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
+CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout)  # a client left or stalled
 FORM_TYPE = "application/x-www-form-urlencoded"
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
@@ -1175,42 +1176,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.request_no = next(self.server.request_counter)
         self.body_pending = self._declared_length() != 0
         self.sent = False
-        try:
-            if self.request_version == "HTTP/0.9":
-                self.request_version = "HTTP/1.0"  # so that a status line is sent
-                abort(400, "HTTP/0.9 is not supported.")
-            if self.headers.defects:
-                # The standard library drops a line it cannot parse and every header
-                # after it, a Content-Length too: whatever follows is not to be trusted.
+        with self.server.answering():  # a stop waits for answers under way
+            try:
+                if self.request_version == "HTTP/0.9":
+                    self.request_version = "HTTP/1.0"  # so that a status line is sent
+                    abort(400, "HTTP/0.9 is not supported.")
+                if self.headers.defects:
+                    # The standard library drops a line it cannot parse and every header
+                    # after it, a Content-Length too: whatever follows is not to be trusted.
+                    self.close_connection = True
+                    abort(400, "Malformed header line.")
+                url = urllib.parse.urlsplit(self.path)
+                self.query = url.query
+                method = "GET" if self.command == "HEAD" else self.command
+                self.needs_signature = self._authorize(url.path, method)
+                methods, args = self._route(url.path)
+                if method not in methods:
+                    allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
+                    abort(405, f"Method {self.command} is not allowed here.",
+                          {"Allow": ", ".join(allowed)})
+                getattr(self, methods[method])(*args)
+            except HTTPError as e:
+                self._send_reason(e.status, e.reason, e.headers)
+            except sqlite3.OperationalError as e:  # a full disk: the transaction was rolled back
+                log.error("cannot write the task store: %s", e)
+                if self.sent:
+                    self.close_connection = True
+                else:
+                    self._send_reason(503, f"The task store cannot be written ({e}); nothing "
+                                      "was changed. Try again later.",
+                                      {"Retry-After": str(RETRY_AFTER_S)})
+            except CLIENT_GONE:
                 self.close_connection = True
-                abort(400, "Malformed header line.")
-            url = urllib.parse.urlsplit(self.path)
-            self.query = url.query
-            method = "GET" if self.command == "HEAD" else self.command
-            self.needs_signature = self._authorize(url.path, method)
-            methods, args = self._route(url.path)
-            if method not in methods:
-                allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
-                abort(405, f"Method {self.command} is not allowed here.",
-                      {"Allow": ", ".join(allowed)})
-            getattr(self, methods[method])(*args)
-        except HTTPError as e:
-            self._send_reason(e.status, e.reason, e.headers)
-        except sqlite3.OperationalError as e:  # a full disk: the transaction was rolled back
-            log.error("cannot write the task store: %s", e)
-            if self.sent:
+            except Exception:
+                log.exception("error answering %r", self.requestline)
                 self.close_connection = True
-            else:
-                self._send_reason(503, f"The task store cannot be written ({e}); nothing "
-                                  "was changed. Try again later.",
-                                  {"Retry-After": str(RETRY_AFTER_S)})
-        except (ConnectionError, TimeoutError, socket.timeout):
-            self.close_connection = True
-        except Exception:
-            log.exception("error answering %r", self.requestline)
-            self.close_connection = True
-            if not self.sent:
-                self._send_reason(500, "Internal error; the daemon's log says more.")
+                if not self.sent:
+                    self._send_reason(500, "Internal error; the daemon's log says more.")
+            with contextlib.suppress(*CLIENT_GONE):
+                self.wfile.flush()  # here, so that the answer has left when the count drops
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
 
@@ -1399,8 +1403,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self._wants("json"):  # JSON on every route: the task, output included
             self.show_task(task_id)
         elif self._query_flag("follow"):
-            with self.server.stream():
-                self._send_chunks(200, TEXT, self._follow(task_id), live=True)
+            self._send_chunks(200, TEXT, self._follow(task_id), live=True)
         else:
             with self._open_log(task_id) as f:
                 self._send_file(200, TEXT, f)
@@ -1581,27 +1584,32 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         # Set once the runner has stopped: follow streams then send what is left of
         # their log, and end the answer properly instead of being cut off at exit.
         self.stopping = threading.Event()
-        self._streams = 0
-        self._streams_changed = threading.Condition()
+        self._answers = 0  # requests being answered
+        self._answers_changed = threading.Condition()
         super().__init__(address, Handler)
 
+    def handle_error(self, request, client_address):
+        """A client that left is no error; anything else goes to the log, once."""
+        if not isinstance(sys.exc_info()[1], CLIENT_GONE):
+            log.exception("error on a connection from %s", client_address[0])
+
     @contextlib.contextmanager
-    def stream(self):
-        """Count a follow stream while it lasts, so that a stop can wait for it."""
-        with self._streams_changed:
-            self._streams += 1
+    def answering(self):
+        """Count a request while it is answered, so that a stop can wait for it."""
+        with self._answers_changed:
+            self._answers += 1
         try:
             yield
         finally:
-            with self._streams_changed:
-                self._streams -= 1
-                self._streams_changed.notify_all()
+            with self._answers_changed:
+                self._answers -= 1
+                self._answers_changed.notify_all()
 
-    def end_streams(self, timeout_s):
-        """Tell the follow streams to end, and wait a while for them to finish."""
+    def end_answers(self, timeout_s):
+        """Tell follow streams to end, and wait a while for every answer under way."""
         self.stopping.set()
-        with self._streams_changed:
-            self._streams_changed.wait_for(lambda: self._streams == 0, timeout_s)
+        with self._answers_changed:
+            self._answers_changed.wait_for(lambda: self._answers == 0, timeout_s)
 
 
 # ----------------------------------------------------------------------------
@@ -1732,7 +1740,7 @@ def main(argv=None):
     server.server_close()
     runner.shutdown(f"Task Train was stopped ({signame}) while this task ran; "
                     "its scripts were stopped.")
-    server.end_streams(STREAMS_END_S)
+    server.end_answers(ANSWERS_END_S)
     store.close()
     stop_reader.close()
     stop_writer.close()

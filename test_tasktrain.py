@@ -19,6 +19,7 @@ import resource
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -1357,6 +1358,16 @@ def test_a_length_declared_twice_alike_is_one_length(daemon):
                           b"Content-Type: text/plain\r\nContent-Length: 2\r\n"
                           b"Content-Length: 2\r\n\r\nab")
     assert answer.startswith(b"HTTP/1.1 201 ")
+
+
+def test_clients_that_hang_up_early_leave_no_traceback_in_the_log(daemon):
+    for path in ("/", "/tasks?format=text", "/tasks/0123456789abc"):
+        with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert daemon.get("/").status == 200
+    daemon.stop()
+    assert "Traceback" not in daemon.stderr() and "Exception" not in daemon.stderr()
 
 
 def test_stalled_clients_do_not_hold_up_anyone(daemon):
