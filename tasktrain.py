@@ -245,8 +245,9 @@ class TaskStore:
         # of pending tasks in submission order and _pending_fingerprints maps each of
         # their fingerprints to one of them (two can share one after stop_claiming);
         # both always agree with the table, as _finished does.
-        # _running is the task claimed for the runner and not yet finished: while it is
-        # set nothing else is claimed, so one task runs at a time, in order.
+        # _running is the task claimed for the runner whose end is not yet written (or
+        # that the runner let go): while it is set nothing else is claimed, so one task
+        # runs at a time, in order.
         self._lock = threading.Lock()
         self._db = db
         self._running = None
