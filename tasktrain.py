@@ -645,6 +645,10 @@ class Runner:
         self._shutdown = None       # (status, line) once the daemon is stopping
         self._stopping = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
+        # Runner thread only: groups whose script has exited while members it started
+        # live on. Those members are the daemon's children once orphaned where it is
+        # the reaper (PID 1 of a container), so the runner collects them as they exit.
+        self._left_behind = set()
 
     def start(self):
         """Start the runner thread."""
@@ -705,6 +709,14 @@ class Runner:
             member = live_member(pgid, member)
         signal_group(pgid, signal.SIGKILL)
         reap_group(pgid)  # those that died after the last look
+
+    def _reap_left_behind(self):
+        """Collect the members left behind that have exited since; forget empty groups.
+        Called between scripts only, so that it never takes a running script's status."""
+        for pgid in list(self._left_behind):
+            reap_group(pgid)
+            if not signal_group(pgid, 0):
+                self._left_behind.discard(pgid)
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
@@ -839,6 +851,9 @@ class Runner:
         stopped = self._stop_reason(task.id)
         if stopped:
             self._await_group(proc.pid)
+        elif signal_group(proc.pid, 0):
+            self._left_behind.add(proc.pid)
+        self._reap_left_behind()
         # A script killed by signal N exits 128 + N, as a shell reports it.
         exit_code = returncode if returncode >= 0 else 128 - returncode
         return exit_code, time.monotonic() - started, stopped

@@ -860,6 +860,19 @@ def test_a_cancel_does_not_wait_for_the_reaping_of_exited_scripts(tmp_path, daem
         assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.read_text().split())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreapers are Linux's")
+def test_as_the_reaper_it_collects_what_a_script_left_behind(tmp_path, daemons):
+    add_script(tmp_path, "leave", "run", 'sleep 0.2 & echo $! > "$GO.pid"\n')
+    add_script(tmp_path, "next", "run", "exit 0\n")
+    d = daemons(wrapper=AS_REAPER)
+    d.wait_status(d.submit("leave"))
+    stat = f"/proc/{(tmp_path / 'go.pid').read_text().strip()}/stat"
+    wait_for(lambda: not os.path.exists(stat) or " Z " in open(stat).read(),
+             message="the background sleep never exited")
+    d.wait_status(d.submit("next"))
+    assert not os.path.exists(stat)  # reaped, not a zombie of the daemon
+
+
 def test_timeout_kills_the_group_and_fails_the_task(tmp_path, daemons):
     add_script(tmp_path, "hang", "run", "sleep 300 &\necho $! > \"$PIDS\"\nwait\n")
     pids = tmp_path / "pids"
