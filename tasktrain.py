@@ -355,6 +355,16 @@ class TaskStore:
         self._forget_pending(task.id, fingerprint)
         return dataclasses.replace(task, status="running", started_us=started_us, body=body)
 
+    def _end(self, task_id, status, exit_code=None, runs=()):
+        """Write how a task ended, count it and prune; returns the ids pruned. Its body
+        is dropped: only its scripts ever read it."""
+        self._db.execute(
+            "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ?, "
+            "body = x'' WHERE id = ?",
+            (status, exit_code, json.dumps(list(runs)), time.time_ns() // 1000, task_id))
+        self._finished += 1
+        return self._prune()
+
     def _prune(self):
         """Delete the oldest finished tasks beyond `keep`; returns their ids."""
         extra = self._finished - self.keep
@@ -543,13 +553,8 @@ class TaskStore:
         next task in the same commit, and return (task, synced) as claim_next() does."""
         with self._lock:
             with self._transaction():
-                self._db.execute(
-                    "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ?, "
-                    "body = x'' WHERE id = ?",  # the body is for its scripts only
-                    (status, exit_code, json.dumps(runs), time.time_ns() // 1000, task_id))
+                pruned = self._end(task_id, status, exit_code, runs)
                 self._running = None  # if the commit fails, it still holds the runner
-                self._finished += 1
-                pruned = self._prune()
                 task = self._claim_next() if claim_next else None
             ticket = self._committed()
         self._delete_logs(pruned)
@@ -565,11 +570,8 @@ class TaskStore:
             if not row or row[0] != "pending":
                 return row[0] if row else None
             with self._transaction():
-                self._db.execute("UPDATE tasks SET status = 'cancelled', finished_us = ?, "
-                                 "body = x'' WHERE id = ?", (time.time_ns() // 1000, task_id))
                 self._forget_pending(task_id, row[1])
-                self._finished += 1
-                pruned = self._prune()
+                pruned = self._end(task_id, "cancelled")
             ticket = self._committed()
         self._sync(ticket)
         self._delete_logs(pruned)
@@ -851,7 +853,7 @@ class Runner:
         stopped = self._stop_reason(task.id)
         if stopped:
             self._await_group(proc.pid)
-        elif signal_group(proc.pid, 0):
+        if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
         self._reap_left_behind()
         # A script killed by signal N exits 128 + N, as a shell reports it.
@@ -1173,7 +1175,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # A client that stalls for this long is dropped; each has its own thread.
     timeout = IDLE_TIMEOUT_S
     # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
-    # buffered write per response (flushed by the base class) sends it in one packet.
+    # buffered write per response (flushed at the end of _dispatch) sends it in one packet.
     disable_nagle_algorithm = True
     wbufsize = 64 * 1024
 
@@ -1190,7 +1192,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         """Route, authorize and answer one request; errors become one-line answers."""
         self.request_no = next(self.server.request_counter)
-        self.body_pending = self._declared_length() != 0
+        self.body_length = self._declared_length()
+        self.body_pending = self.body_length != 0
         self.sent = False
         with self.server.answering():  # a stop waits for answers under way
             try:
@@ -1255,7 +1258,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         """The request body, checked against its declared length before it is read."""
-        length = self._declared_length()
+        length = self.body_length
         if length < 0 and self.headers.get("Transfer-Encoding"):
             abort(411, "Send the body with a Content-Length.")
         if length < 0:

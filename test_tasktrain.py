@@ -994,6 +994,18 @@ def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons
     assert task["output"] == "Missing scripts for this task name.\n"
 
 
+def submit_until_refused(d, name):
+    """Submit tasks `name` (with i=0, 1, ...) until one is refused; returns the ids
+    accepted and the refusal."""
+    accepted = []
+    for i in range(1000):
+        resp = d.request("POST", f"/task?name={name}&i={i}")
+        if resp.status != 201:
+            return accepted, resp
+        accepted.append(record_fields(resp.text)["ID"])
+    raise AssertionError("no submission was refused")
+
+
 # Files may not grow past 96 KiB, as on a full disk (SIGXFSZ ignored: the write fails).
 FULL_DISK = ("import os, resource, signal, sys\n"
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
@@ -1006,12 +1018,7 @@ def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(
                                                                                  daemons):
     add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
     d = daemons(wrapper=FULL_DISK)
-    accepted = []
-    for i in range(200):
-        resp = d.request("POST", f"/task?name=quick&i={i}")
-        if resp.status != 201:
-            break
-        accepted.append(record_fields(resp.text)["ID"])
+    accepted, resp = submit_until_refused(d, "quick")
     assert resp.status == 503 and resp.headers["Retry-After"]
     assert "task store cannot be written" in resp.text and resp.text.count("\n") == 1
     resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
@@ -1029,9 +1036,7 @@ def test_a_stop_while_a_tasks_end_cannot_be_written_fails_it_at_the_next_start(t
     add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
     d = daemons(wrapper=FULL_DISK)
     gate = d.submit("gate")
-    queued = []
-    while (resp := d.request("POST", f"/task?name=quick&i={len(queued)}")).status == 201:
-        queued.append(record_fields(resp.text)["ID"])
+    queued, _ = submit_until_refused(d, "quick")
     (tmp_path / "go").touch()  # the tasks run until one's end no longer fits
     stuck = wait_for(lambda: re.search(r"task (\w+): cannot record that it ended",
                                        d.stderr()))[1]
