@@ -24,6 +24,7 @@ import argparse
 import base64
 import bisect
 import codecs
+import configparser
 import contextlib
 import dataclasses
 import fcntl
@@ -64,6 +65,7 @@ NAME_RE = re.compile(r"[a-z0-9_-]{3,24}")
 KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 ID_RE = r"[0-9a-f]{13}"
 BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+EVENT_RE = re.compile(r"[a-z0-9_]{1,64}")
 
 MAX_PARAMS = 100
 MAX_VALUE_BYTES = 8 * 1024
@@ -88,6 +90,8 @@ TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 
+SETTINGS_FILE = ".task.ini"
+SETTINGS_KEYS = ("events", "supersede", "timeout")
 MISSING_SCRIPTS = "Missing scripts for this task name."
 CANCELLED_PENDING = "Task cancelled by request: it never ran."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
@@ -187,6 +191,102 @@ def list_scripts(folder, first_only=False):
 def has_scripts(folder):
     """Whether the task folder holds at least one script."""
     return bool(list_scripts(folder, first_only=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """What scripts.d/NAME/.task.ini says; the defaults when there is none."""
+
+    events: "frozenset | None" = None   # None: every forge event is accepted
+    supersede: tuple = ()               # keys: params, or "ref"
+    timeout_s: "float | None" = None    # None: --timeout applies; 0: no limit
+
+
+class SettingsError(Exception):
+    """A settings file that cannot be used; str() is the one line naming it."""
+
+
+def read_task_settings(folder, shown):
+    """The task's settings; SettingsError names `shown`/.task.ini and the problem."""
+    label = os.path.join(shown, SETTINGS_FILE)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        with open(os.path.join(folder, SETTINGS_FILE), encoding="utf-8") as f:
+            parser.read_file(f, source=label)
+    except FileNotFoundError:
+        return TaskSettings()
+    except OSError as e:
+        raise SettingsError(f"{label}: cannot read it: {e.strerror}.") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{label}: it is not UTF-8 text.") from None
+    except configparser.Error as e:
+        raise SettingsError(f"{label}: {settings_syntax_problem(e)}") from None
+    try:
+        return settings_from(parser)
+    except ValueError as e:
+        raise SettingsError(f"{label}: {e}") from None
+
+
+def settings_syntax_problem(error):
+    """A configparser error as one short line (its own messages span several)."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: expected the [task] line first, found {error.line.strip()!r}."
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: {error.option!r} is set twice."
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: [{error.section}] appears twice."
+    if isinstance(error, configparser.ParsingError) and error.errors:
+        lineno, line = error.errors[0]  # repr() of the line, its newline included
+        if line[-3:-1] == "\\n":
+            line = line[:-3] + line[-1]
+        return f"line {lineno}: not a 'key = value' line: {line}."
+    return " ".join(str(error).split())
+
+
+def settings_from(parser):
+    """TaskSettings from a parsed file; ValueError says what is wrong in it."""
+    unknown = [s for s in parser.sections() if s != "task"]
+    if parser.defaults():
+        unknown.insert(0, parser.default_section)
+    if unknown:
+        raise ValueError(f"unknown section [{unknown[0]}]: the settings go in [task].")
+    if not parser.has_section("task"):
+        return TaskSettings()
+    task = parser["task"]
+    for key in task:
+        if key not in SETTINGS_KEYS:
+            raise ValueError(f"unknown key {key!r} in [task]: the keys are "
+                             + ", ".join(SETTINGS_KEYS) + ".")
+    events = task.get("events")
+    if events is not None:
+        events = frozenset(settings_words(events, "events", EVENT_RE,
+                                          "name lowercase events such as push or tag_push"))
+    supersede = settings_words(task["supersede"], "supersede", KEY_RE,
+                               "name parameters or ref") if "supersede" in task else ()
+    return TaskSettings(events, tuple(dict.fromkeys(supersede)),
+                        settings_seconds(task["timeout"]) if "timeout" in task else None)
+
+
+def settings_words(value, key, pattern, hint):
+    """The space-separated words of a setting, each matching `pattern`."""
+    words = value.split()
+    if not words:
+        raise ValueError(f"{key} is empty: {hint}, or remove the line.")
+    for word in words:
+        if not pattern.fullmatch(word):
+            raise ValueError(f"{key}: {word!r} will not do: {hint}.")
+    return words
+
+
+def settings_seconds(value):
+    """The timeout setting in seconds: a number, 0 or more (0: no limit)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # also refuses nan
+        raise ValueError(f"timeout = {value!r} is not a number of seconds (0 or more).")
+    return seconds
 
 
 def printable(path):
@@ -1366,9 +1466,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad or missing name parameter.")
         check_params(params)
         folder = os.path.join(self.server.scripts_dir, name)
+        folder_shown = os.path.join(self.server.scripts_label, name)
         if not has_scripts(folder):
-            folder_shown = os.path.join(self.server.scripts_label, name)
             abort(404, f"No task named {name!r}: {folder_shown}/ holds no executable script.")
+        try:
+            read_task_settings(folder, folder_shown)
+        except SettingsError as e:
+            abort(500, str(e))
         try:
             task, is_new, position, synced = self.server.store.submit(
                 name, params, body, on_claimed=self.server.runner.hand_over)
