@@ -13,7 +13,8 @@ arguments. It listens on loopback by default and refuses a public address unless
 `--token` is set (or `--insecure` says you know better). Arguments are passed as
 an argv list, never through a shell.
 
-Standard library only; Python 3.9 or newer; Linux and macOS.
+Standard library only; Python 3.9 or newer; Linux and macOS. How the threads,
+the store's lock, claims and the runner's lock fit together: README.md, "Inside".
 """
 
 __version__ = "1.0.0"
@@ -92,6 +93,7 @@ JSON = "application/json; charset=utf-8"
 
 SETTINGS_FILE = ".task.ini"
 SETTINGS_KEYS = ("events", "supersede", "timeout")
+NOT_FOUND = "Not found"
 MISSING_SCRIPTS = "Missing scripts for this task name."
 CANCELLED_PENDING = "Task cancelled by request: it never ran."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
@@ -104,6 +106,17 @@ log = logging.getLogger("tasktrain")
 # ----------------------------------------------------------------------------
 # Task model and store (SQLite, one lock)
 # ----------------------------------------------------------------------------
+
+# A claim is how a task reaches the runner. Claiming marks the oldest pending task
+# running and records it as the one the runner holds (`_held`), so nothing else is
+# claimed until its end is written: one task at a time, in order. A claim is made in
+# the same transaction as another write whenever one is under way (a submission to an
+# idle runner, the end of the task before), so one commit and one fsync serve both.
+#
+# Commits only reach the WAL; `Claim.synced()` (and a submission's `synced()`)
+# returns once the commit is on disk. One thread fsyncs for all: every commit written
+# before its fsync began is covered, so concurrent submitters mostly find their work
+# done. A 2xx is sent, and a claimed task's first script starts, only after synced().
 
 @dataclasses.dataclass  # not frozen: frozen ones take a fifth of the /tasks page to make
 class Task:
@@ -145,13 +158,20 @@ class Task:
         return self.status in FINISHED
 
 
+class Claim(typing.NamedTuple):
+    """A task claimed for the runner, and how to wait until the claim is on disk."""
+
+    task: Task                  # running, with its body
+    synced: typing.Callable     # call before the task's first script starts
+
+
 class Submitted(typing.NamedTuple):
     """What TaskStore.submit answers."""
 
     task: Task                  # as queued: pending, even if it already runs
     is_new: bool                # False: an identical task was pending already
-    position: "int | None"      # its place in the queue when queued (1 runs next)
-    synced: typing.Callable     # returns once the task is on disk
+    position: "int | None"      # its position in the queue when queued (1 runs next)
+    synced: typing.Callable     # returns once the task is on disk: call before answering
 
 
 class QueueFull(Exception):
@@ -160,6 +180,11 @@ class QueueFull(Exception):
 
 class StateDirBusy(Exception):
     """Another daemon uses the state dir: two runners would run every task twice."""
+
+
+def now_us():
+    """The wall clock in microseconds since the epoch."""
+    return time.time_ns() // 1000
 
 
 def format_id(us):
@@ -314,6 +339,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
            "exit_code, scripts")
+IS_FINISHED_SQL = "status IN (%s)" % ", ".join(f"'{status}'" for status in FINISHED)
 
 
 class TaskStore:
@@ -323,58 +349,74 @@ class TaskStore:
         self.keep = keep
         self.log_dir = os.path.join(state_dir, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
-        self._lock_file = open(os.path.join(state_dir, "lock"), "a")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise StateDirBusy(state_dir) from None
-        path = os.path.join(state_dir, "tasks.sqlite3")
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.executescript(SCHEMA)
-        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
-            # Commits only write the WAL; _sync() fsyncs it outside the lock before any
-            # answer or script start depends on it, so one fsync covers every commit
-            # written before it and submitters never queue behind each other's disk.
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._wal_fd = os.open(path + "-wal", os.O_RDONLY | os.O_CREAT, 0o644)
-        else:  # a file system without shared memory: SQLite syncs every commit itself
-            db.execute("PRAGMA synchronous=FULL")
-            self._wal_fd = None
-        # Hold _lock whenever touching _db or the fields below. _pending holds the ids
-        # of pending tasks in submission order and _pending_fingerprints maps each of
-        # their fingerprints to one of them (two can share one after stop_claiming);
-        # both always agree with the table, as _finished does.
-        # _running is the task claimed for the runner whose end is not yet written (or
-        # that the runner let go): while it is set nothing else is claimed, so one task
-        # runs at a time, in order.
+        self._lock_file = self._lock_state_dir(state_dir)
+        self._db, self._wal_fd = self._open(os.path.join(state_dir, "tasks.sqlite3"))
+        # Hold _lock whenever touching _db or the fields below.
+        # - _pending holds the ids of pending tasks in submission order, and
+        #   _pending_fingerprints maps each of their fingerprints to one of them (two can
+        #   share one after stop_claiming); both always agree with the table, as
+        #   _finished (the count of finished tasks) does.
+        # - _held is the id of the task the runner holds: claimed for it, its end not yet
+        #   written, and not let go (release). While it is set nothing else is claimed.
         self._lock = threading.Lock()
-        self._db = db
-        self._running = None
+        self._held = None
         self._claiming = False  # True while the runner is ready for tasks
         self._commits = 0       # commits written to the WAL
         self._synced = 0        # commits known to be on disk
         self._syncing = False   # a thread is in fsync for the others
         self._synced_changed = threading.Condition(self._lock)
         with self._lock:
-            now = time.time_ns() // 1000
-            crashed = db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
-            # A process group recorded before a reboot may now be someone else's.
-            boot_id, last_boot = current_boot_id(), db.execute(
-                "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
-            same_boot = boot_id is not None and last_boot == (boot_id,)
-            self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
-            with self._transaction():
-                db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, body = x'' "
-                           "WHERE status = 'running'", (now,))
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
-            ticket = self._committed()
-            last = db.execute("SELECT max(id) FROM tasks").fetchone()[0]
+            crashed, synced = self._recover()
+            last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
-        self._sync(ticket)
-        for task_id, _ in crashed:
-            append_line(self.log_path(task_id), RESTARTED)
+        synced()
+        for task_id in crashed:
+            append_log_line(self.log_path(task_id), RESTARTED)
+
+    @staticmethod
+    def _lock_state_dir(state_dir):
+        """The state dir's lock file, locked; StateDirBusy if another daemon holds it."""
+        lock_file = open(os.path.join(state_dir, "lock"), "a")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise StateDirBusy(state_dir) from None
+        return lock_file
+
+    @staticmethod
+    def _open(path):
+        """The database, its schema made, and the WAL's file descriptor for _sync (or
+        None where SQLite must sync every commit itself)."""
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.executescript(SCHEMA)
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+            db.execute("PRAGMA synchronous=FULL")  # a file system without shared memory
+            return db, None
+        # Commits only write the WAL; _sync() fsyncs it outside the lock before any
+        # answer or script start depends on it, so one fsync covers every commit
+        # written before it and submitters never queue behind each other's disk.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db, os.open(path + "-wal", os.O_RDONLY | os.O_CREAT, 0o644)
+
+    def _recover(self):
+        """Mark failed the tasks a dead daemon left running; returns their ids and the
+        commit's synced(). Expects _lock held.
+
+        Their process groups are kept for the runner to stop (`orphan_groups`) only on
+        the same boot: after a reboot a recorded group may be someone else's.
+        """
+        crashed = self._db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
+        boot_id, last_boot = current_boot_id(), self._db.execute(
+            "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+        same_boot = boot_id is not None and last_boot == (boot_id,)
+        self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
+        with self._transaction():
+            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, body = x'' "
+                             "WHERE status = 'running'", (now_us(),))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
+        return [task_id for task_id, _ in crashed], self._synced_so_far()
 
     def close(self):
         """Close the database and release the state dir."""
@@ -397,14 +439,13 @@ class TaskStore:
         self._pending = [task_id for task_id, _ in pending]
         self._pending_fingerprints = {fp: task_id for task_id, fp in pending}
         self._finished = self._db.execute(
-            "SELECT count(*) FROM tasks WHERE status IN ('complete', 'failed', 'cancelled')"
-        ).fetchone()[0]
+            f"SELECT count(*) FROM tasks WHERE {IS_FINISHED_SQL}").fetchone()[0]
 
     @contextlib.contextmanager
     def _transaction(self):
         """One commit for several writes; if it fails, the mirrors are read again and
-        a claim made inside it is undone."""
-        running = self._running
+        a claim made inside it is undone. Follow it with _synced_so_far()."""
+        held = self._held
         self._db.execute("BEGIN")
         try:
             yield
@@ -412,26 +453,26 @@ class TaskStore:
         except BaseException:
             if self._db.in_transaction:  # a full disk makes SQLite roll back by itself
                 self._db.execute("ROLLBACK")
-            self._running = running
+            self._held = held
             self._load_mirrors()
             raise
-
-    def _committed(self):
-        """Count a commit just written; returns the ticket that _sync waits for."""
         self._commits += 1
-        return self._commits
+
+    def _synced_so_far(self):
+        """A function that returns once every commit written so far is on disk."""
+        return functools.partial(self._sync, self._commits)
 
     def _next_us(self):
         """The clock in microseconds, bumped so that ids never repeat and always increase."""
-        self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+        self._last_us = max(now_us(), self._last_us + 1)
         return self._last_us
 
     def _row(self, task_id, columns=COLUMNS):
         """One task's row, or the given columns of it."""
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
-    def _place(self, task_id):
-        """Place in the queue of a pending task (1 runs next), or None."""
+    def _position(self, task_id):
+        """Position in the queue of a pending task (1 runs next), or None."""
         i = bisect.bisect_left(self._pending, task_id)
         return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
 
@@ -441,27 +482,28 @@ class TaskStore:
         if self._pending_fingerprints.get(fingerprint) == task_id:
             del self._pending_fingerprints[fingerprint]
 
-    def _claim_next(self):
-        """Mark the oldest pending task running for the runner, in a transaction the
-        caller commits; None if none waits, or the runner holds one, or has stopped."""
-        if self._running or not self._claiming or not self._pending:
+    def _claim(self):
+        """Mark the oldest pending task running for the runner, inside a transaction;
+        returns it with its body, or None if none waits, the runner holds one, or it
+        has stopped."""
+        if self._held or not self._claiming or not self._pending:
             return None
         *row, body, fingerprint = self._row(self._pending[0], COLUMNS + ", body, fingerprint")
         task = task_from_row(row)
-        started_us = time.time_ns() // 1000
-        self._running = task.id
+        started_us = now_us()
+        self._held = task.id
         self._db.execute("UPDATE tasks SET status = 'running', started_us = ? WHERE id = ?",
                          (started_us, task.id))
         self._forget_pending(task.id, fingerprint)
         return dataclasses.replace(task, status="running", started_us=started_us, body=body)
 
-    def _end(self, task_id, status, exit_code=None, runs=()):
-        """Write how a task ended, count it and prune; returns the ids pruned. Its body
-        is dropped: only its scripts ever read it."""
+    def _finish(self, task_id, status, exit_code=None, runs=()):
+        """Write how a task ended, count it and prune, inside a transaction; returns
+        the ids pruned. Its body is dropped: only its scripts ever read it."""
         self._db.execute(
             "UPDATE tasks SET status = ?, exit_code = ?, scripts = ?, finished_us = ?, "
             "body = x'' WHERE id = ?",
-            (status, exit_code, json.dumps(list(runs)), time.time_ns() // 1000, task_id))
+            (status, exit_code, json.dumps(list(runs)), now_us(), task_id))
         self._finished += 1
         return self._prune()
 
@@ -471,8 +513,7 @@ class TaskStore:
         if extra <= 0:
             return []
         old = [r[0] for r in self._db.execute(
-            "SELECT id FROM tasks WHERE status IN ('complete', 'failed', 'cancelled') "
-            "ORDER BY id LIMIT ?", (extra,))]
+            f"SELECT id FROM tasks WHERE {IS_FINISHED_SQL} ORDER BY id LIMIT ?", (extra,))]
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
         self._finished -= len(old)
         return old
@@ -480,7 +521,7 @@ class TaskStore:
     # -- disk work, done outside _lock --
 
     def _sync(self, ticket):
-        """Return once commit `ticket` is on disk.
+        """Return once commit number `ticket` is on disk.
 
         One thread at a time syncs the WAL, which makes every commit written before
         it started durable; the others wait for it and mostly find their work done.
@@ -506,21 +547,17 @@ class TaskStore:
     def _delete_logs(self, task_ids):
         """Delete the logs of pruned tasks."""
         for task_id in task_ids:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.log_path(task_id))
-            except FileNotFoundError:
-                pass
 
     # -- the API; each call takes _lock itself --
 
     def submit(self, name, params, body=b"", on_claimed=None):
-        """Write a new pending task, or find an identical one; returns a Submitted:
-        the task as queued, whether it is new, its place in the queue, and `synced`,
-        which returns once the task is on disk: call it before answering.
+        """Write a new pending task, or find an identical one; returns a Submitted.
 
         Given `on_claimed`, and if the runner holds no task, the oldest pending one
-        (this one, mostly) is claimed for it in the same commit and handed over with
-        `on_claimed(task, synced)`: one fsync then covers the answer and the start.
+        (this one, mostly) is claimed in the same commit and handed over with
+        `on_claimed(claim)`: one fsync then covers the answer and the start.
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
@@ -528,8 +565,8 @@ class TaskStore:
         with self._lock:
             same = self._pending_fingerprints.get(fingerprint)
             if same:  # perhaps written by a submitter still waiting for its fsync
-                return Submitted(task_from_row(self._row(same)), False, self._place(same),
-                                 functools.partial(self._sync, self._commits))
+                return Submitted(task_from_row(self._row(same)), False, self._position(same),
+                                 self._synced_so_far())
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
@@ -542,10 +579,10 @@ class TaskStore:
                 self._pending.append(task.id)
                 self._pending_fingerprints[fingerprint] = task.id
                 position = len(self._pending)
-                claimed = self._claim_next() if on_claimed else None
-            synced = functools.partial(self._sync, self._committed())
+                claimed = self._claim() if on_claimed else None
+            synced = self._synced_so_far()
         if claimed:
-            on_claimed(claimed, synced)
+            on_claimed(Claim(claimed, synced))
         return Submitted(task, True, position, synced)
 
     def get(self, task_id):
@@ -586,39 +623,35 @@ class TaskStore:
             return len(self._pending)
 
     def position(self, task_id):
-        """Place in the queue of a pending task (1 runs next), or None."""
+        """Position in the queue of a pending task (1 runs next), or None."""
         with self._lock:
-            return self._place(task_id)
+            return self._position(task_id)
 
-    def claim_next(self):
-        """Mark the oldest pending task running for the runner, unless it holds one;
-        returns (task, synced), or None.
+    def claim(self):
+        """Claim the oldest pending task for the runner, unless it holds one; returns a
+        Claim, or None.
 
-        The claim is written at once; `synced()` returns once it is on disk, and must
-        be called before the task's first script starts. Deferring it lets an fsync
-        that another thread starts meanwhile (a submitter's) cover the claim too.
+        The claim is written at once, its fsync deferred to Claim.synced(), so that an
+        fsync another thread starts meanwhile (a submitter's) may cover it too.
         """
         with self._lock:
             with self._transaction():
-                task = self._claim_next()
-            if task is None:
-                return None
-            ticket = self._committed()
-        return task, functools.partial(self._sync, ticket)
+                task = self._claim()
+            return Claim(task, self._synced_so_far()) if task else None
 
     def start_claiming(self):
-        """Let tasks be claimed: the runner is ready. Returns the oldest pending task,
-        claimed, as claim_next() does."""
+        """Let tasks be claimed: the runner is ready. Returns the oldest pending task's
+        Claim, or None."""
         with self._lock:
             self._claiming = True
-        return self.claim_next()
+        return self.claim()
 
     def stop_claiming(self):
         """Claim nothing more: the runner has stopped. A task claimed for it that it
         never started goes back to the head of the queue, to run after the next start."""
         with self._lock:
             self._claiming = False
-            task_id, self._running = self._running, None
+            task_id, self._held = self._held, None
             if task_id is None:
                 return
             with self._transaction():
@@ -627,15 +660,16 @@ class TaskStore:
                 bisect.insort(self._pending, task_id)
                 self._pending_fingerprints.setdefault(self._row(task_id, "fingerprint")[0],
                                                       task_id)
-            ticket = self._committed()
-        self._sync(ticket)
+            synced = self._synced_so_far()
+        synced()
 
     def release(self, task_id):
         """Let go of a task whose end could not be written, without putting it back in
-        the queue: it ran, so it must never run again."""
+        the queue: it ran, so it must never run again. It stays running in the table
+        until the next start marks it failed."""
         with self._lock:
-            if self._running == task_id:
-                self._running = None
+            if self._held == task_id:
+                self._held = None
 
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash."""
@@ -649,19 +683,20 @@ class TaskStore:
                              (json.dumps(runs), task_id))
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
-        """Record how a running task ended and prune; with claim_next, also claim the
-        next task in the same commit, and return (task, synced) as claim_next() does."""
+        """Record how the held task ended and prune, and let the runner go; with
+        claim_next, also claim the next task in the same commit and return its Claim.
+        Without one, returns None once the end is on disk."""
         with self._lock:
             with self._transaction():
-                pruned = self._end(task_id, status, exit_code, runs)
-                self._running = None  # if the commit fails, it still holds the runner
-                task = self._claim_next() if claim_next else None
-            ticket = self._committed()
+                pruned = self._finish(task_id, status, exit_code, runs)
+                self._held = None  # if the commit fails, the task still holds the runner
+                task = self._claim() if claim_next else None
+            synced = self._synced_so_far()
         self._delete_logs(pruned)
         if task is None:
-            self._sync(ticket)
+            synced()
             return None
-        return task, functools.partial(self._sync, ticket)
+        return Claim(task, synced)
 
     def cancel_pending(self, task_id):
         """Cancel a task if it is still pending; returns its status afterwards, or None."""
@@ -671,11 +706,11 @@ class TaskStore:
                 return row[0] if row else None
             with self._transaction():
                 self._forget_pending(task_id, row[1])
-                pruned = self._end(task_id, "cancelled")
-            ticket = self._committed()
-        self._sync(ticket)
+                pruned = self._finish(task_id, "cancelled")
+            synced = self._synced_so_far()
+        synced()
         self._delete_logs(pruned)
-        append_line(self.log_path(task_id), CANCELLED_PENDING)
+        append_log_line(self.log_path(task_id), CANCELLED_PENDING)
         return "cancelled"
 
 
@@ -698,7 +733,7 @@ def read_chunks(f):
     return iter(functools.partial(f.read, COPY_CHUNK_BYTES), b"")
 
 
-def open_log(path):
+def open_log_to_append(path):
     """Open a task's log for appending, unbuffered; the logs folder is made again if
     someone removed it, so that pending tasks still run."""
     try:
@@ -708,15 +743,31 @@ def open_log(path):
         return open(path, "ab", buffering=0)
 
 
-def append_line(path, line):
+def open_log_to_read(path):
+    """Open a task's log for reading; an empty stand-in before the task has one."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return open(os.devnull, "rb")
+
+
+def append_log_line(path, line):
     """Append one line the daemon says about a task to the task's log."""
-    with open_log(path) as f:
+    with open_log_to_append(path) as f:
         f.write(line.encode() + b"\n")
 
 
 # ----------------------------------------------------------------------------
 # Runner thread
 # ----------------------------------------------------------------------------
+
+class Outcome(typing.NamedTuple):
+    """How a run ended."""
+
+    status: str                 # "pending": no script began, so the task goes back
+    exit_code: "int | None" = None
+    runs: tuple = ()            # one {path, exit_code, seconds} per script run
+
 
 class Runner:
     """The one thread that runs tasks, one at a time, in submission order.
@@ -727,25 +778,30 @@ class Runner:
     finishes the last.
     """
 
-    def __init__(self, store, scripts_dir, scripts_label, timeout_s=0, grace_s=DEFAULT_GRACE_S):
+    def __init__(self, store, scripts_dir, shown_scripts_dir, timeout_s=0,
+                 grace_s=DEFAULT_GRACE_S):
         self.store = store
         self.scripts_dir = scripts_dir
-        self.scripts_label = scripts_label
+        self.shown_scripts_dir = shown_scripts_dir
         self.timeout_s = timeout_s
         self.grace_s = grace_s
-        self.handed_over = queue.Queue()  # (task, synced), or None: stop
+        self.handed_over = queue.Queue()  # Claims, or None: shut down
         self.devnull = os.open(os.devnull, os.O_RDONLY)  # stdin of a task without a body
         # Encoded once: Popen would encode every variable again for every script.
         self.env = {os.fsencode(k): os.fsencode(v)
                     for k, v in os.environ.items() if k not in SECRET_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
-        # Shared with other threads without a lock: each is read or replaced whole, and
-        # the runner checks for a stop again once _process is set, so a stop that
-        # races with a script's start still reaches it.
+        # Hold _lock whenever reading or changing _stops, _process or _shutdown: the
+        # runner, handler threads (cancel) and timer threads (timeout) all do. _stops
+        # maps a task id to the stop asked for it, (status, line for the log); the
+        # first one asked wins. As the runner begins a task it drops every other
+        # task's entry: a stop that came after its task's last script is too late to
+        # matter, and can reach no other task, since an id is claimed only once.
+        self._lock = threading.Lock()
+        self._stops = {}
         self._process = None        # (task id, Popen) of the script running now
-        self._stop_requests = {}    # task id -> (status, line for the log)
-        self._shutdown = None       # (status, line) once the daemon is stopping
-        self._stopping = threading.Event()  # set with _shutdown: cuts a retry's pause short
+        self._shutdown = None       # (status, line) once the daemon is shutting down
+        self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
         # Runner thread only: groups whose script has exited while members it started
         # live on. Those members are the daemon's children once orphaned where it is
@@ -756,26 +812,28 @@ class Runner:
         """Start the runner thread."""
         self._thread.start()
 
-    def hand_over(self, task, synced):
+    def hand_over(self, claim):
         """Give the idle runner a task the store claimed for it."""
-        self.handed_over.put((task, synced))
+        self.handed_over.put(claim)
 
     def shutdown(self, line):
         """Stop the running task (if any), run no other, and wait for the thread."""
-        self._shutdown = ("failed", line)
-        self._stopping.set()
-        current = self._process
+        with self._lock:
+            self._shutdown = ("failed", line)
+            current = self._process
+        self._shutting_down.set()
         if current:
-            self._terminate(current[1])
+            self._begin_stop(current[1])
         self.handed_over.put(None)
         self._thread.join(self.grace_s + 10)
 
     def stop(self, task_id, status, line):
         """Stop a task the store has marked running: it ends with `status` and `line`."""
-        self._stop_requests.setdefault(task_id, (status, line))
-        current = self._process
+        with self._lock:
+            self._stops.setdefault(task_id, (status, line))
+            current = self._process
         if current and current[0] == task_id:
-            self._terminate(current[1])
+            self._begin_stop(current[1])
 
     def wait_finished(self, task_id, timeout_s):
         """Wait until the task has finished; False if it has not within the timeout."""
@@ -783,11 +841,21 @@ class Runner:
             return self._task_finished.wait_for(
                 lambda: self.store.status(task_id) not in ("pending", "running"), timeout_s)
 
-    def _stop_reason(self, task_id):
-        """(status, line) if the task must stop, else None."""
-        return self._stop_requests.get(task_id) or self._shutdown
+    # -- stopping a task's scripts --
 
-    def _terminate(self, proc):
+    def _stop_asked(self, task_id):
+        """The stop asked for the task, (status, line), or None."""
+        with self._lock:
+            return self._stops.get(task_id) or self._shutdown
+
+    def _track(self, task_id, proc):
+        """Make `proc` the script a stop reaches (None: no script runs now); returns
+        the stop asked for the task, checked in the same breath so none is missed."""
+        with self._lock:
+            self._process = (task_id, proc) if proc else None
+            return self._stops.get(task_id) or self._shutdown
+
+    def _begin_stop(self, proc):
         """SIGTERM to the script's process group; SIGKILL to it after the grace period."""
         signal_group(proc.pid, signal.SIGTERM)
         killer = threading.Timer(self.grace_s, self._kill_unreaped, (proc,))
@@ -827,35 +895,34 @@ class Runner:
                 log.warning("stopping process group %d, left running by a daemon that died", pgid)
                 self._await_group(pgid)
 
+    # -- the loop --
+
     def _loop(self):
-        """Run and finish tasks until the daemon stops."""
+        """Run and finish tasks until the daemon shuts down."""
+        # Claims wait until a dead daemon's scripts are stopped: one task at a time.
         self._stop_orphans()
-        claimed = self.store.start_claiming()  # the oldest task left pending, if any
+        claim = self.store.start_claiming()
         while True:
-            if claimed is None:
-                claimed = self.handed_over.get()
-            if claimed is None or self._shutdown:
+            if claim is None:
+                claim = self.handed_over.get()
+            if claim is None or self._shutting_down.is_set():
                 self.store.stop_claiming()  # a claimed task not yet begun goes back
                 return
-            task, synced = claimed
-            try:
-                outcome = self._run(task, synced)
-            except Exception:
-                log.exception("task %s: the runner failed", task.id)
-                outcome = "failed", None, []
-            if outcome is None:  # not begun: stop_claiming puts it back in the queue
-                claimed = None
+            task = claim.task
+            outcome = self._run(claim)
+            if outcome.status == "pending":  # stop_claiming puts it back in the queue
+                claim = None
                 continue
-            status, exit_code, runs = outcome
-            self._stop_requests.pop(task.id, None)
-            if status != "complete":
-                log.warning("task %s (%s) %s, exit code %s", task.id, task.name, status, exit_code)
-            claimed = self._finish(task.id, status, exit_code, runs)
+            if outcome.status != "complete":
+                log.warning("task %s (%s) %s, exit code %s",
+                            task.id, task.name, outcome.status, outcome.exit_code)
+            claim = self._record_finish(task.id, outcome)
             with self._task_finished:
                 self._task_finished.notify_all()
 
-    def _finish(self, task_id, status, exit_code, runs):
-        """Record how a task ended, and claim the next in the same commit and fsync.
+    def _record_finish(self, task_id, outcome):
+        """Record how a task ended, and claim the next in the same commit and fsync;
+        returns the next Claim, or None.
 
         While the store cannot be written (a full disk) it tries again, and nothing
         else is claimed, so the queue goes on in order once there is room. A task
@@ -863,72 +930,84 @@ class Runner:
         """
         while True:
             try:
-                return self.store.finish(task_id, status, exit_code, runs,
-                                         claim_next=not self._shutdown)
+                return self.store.finish(task_id, *outcome,
+                                         claim_next=not self._shutting_down.is_set())
             except sqlite3.OperationalError as e:  # a full or locked disk: worth another try
                 log.error("task %s: cannot record that it ended: %s", task_id, e)
-                if self._shutdown:
+                if self._shutting_down.is_set():
                     break
-                self._stopping.wait(STORE_RETRY_S)
+                self._shutting_down.wait(STORE_RETRY_S)
             except (sqlite3.Error, OSError):  # a bug, or a failed fsync: no use trying again
                 log.exception("task %s: the task store failed", task_id)
                 break
         self.store.release(task_id)
         return None
 
-    def _run(self, task, synced):
-        """Run a claimed task's scripts; returns (status, exit code, script runs), or
-        None if the daemon began to stop before the first script did.
+    def _run(self, claim):
+        """Run a claimed task's scripts; returns its Outcome."""
+        task = claim.task
+        with self._lock:
+            self._stops = {task.id: self._stops[task.id]} if task.id in self._stops else {}
+        try:
+            with open_log_to_append(self.store.log_path(task.id)) as out, \
+                    stdin_for(task.body, self.devnull) as stdin:
+                scripts, env = self._prepare(task)
+                claim.synced()  # the first script starts only once the claim is on disk
+                with self._lock:
+                    never_began = self._shutdown is not None and task.id not in self._stops
+                if never_began:
+                    return Outcome("pending")
+                return self._run_scripts(task, scripts, env, stdin, out)
+        except Exception:
+            log.exception("task %s: the runner failed", task.id)
+            return Outcome("failed")
 
-        The log, the scripts and the environment are prepared before `synced()`,
-        which holds the first script back until the claim is on disk.
-        """
-        folder = os.path.join(self.scripts_dir, task.name)
-        label = os.path.join(self.scripts_label, task.name)
+    def _prepare(self, task):
+        """The task's scripts and their environment, made while the claim syncs."""
         env = dict(self.env)
         env[b"TASKTRAIN_TASK_ID"] = task.id.encode()
         env[b"TASKTRAIN_TASK_NAME"] = task.name.encode()
-        runs, status, exit_code = [], "complete", 0
-        with open_log(self.store.log_path(task.id)) as out, \
-                stdin_for(task.body, self.devnull) as stdin:
-            scripts = list_scripts(folder)
-            synced()
-            if self._shutdown and task.id not in self._stop_requests:
-                return None
-            if not scripts:
-                out.write(MISSING_SCRIPTS.encode() + b"\n")
-                status, exit_code = "failed", 2
-            timer = None
-            if self.timeout_s:
-                timer = threading.Timer(self.timeout_s, self.stop, (
-                    task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
-                timer.daemon = True
-                timer.start()
-            # A stop counts if it kept a script from starting or came while one ran;
-            # one that comes after the last script has exited is too late to matter.
-            reason = None
+        return list_scripts(os.path.join(self.scripts_dir, task.name)), env
+
+    def _run_scripts(self, task, scripts, env, stdin, out):
+        """Run the scripts in turn until one fails or the task is stopped."""
+        if not scripts:
+            out.write(MISSING_SCRIPTS.encode() + b"\n")
+            return Outcome("failed", 2)
+        timer = None
+        if self.timeout_s:
+            timer = threading.Timer(self.timeout_s, self.stop, (
+                task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
+            timer.daemon = True
+            timer.start()
+        folder = os.path.join(self.scripts_dir, task.name)
+        shown_folder = task_folder(task, self.shown_scripts_dir)
+        runs, exit_code, stop = [], 0, None
+        try:
             for i, path in enumerate(scripts):
-                reason = self._stop_reason(task.id)
-                if reason:
+                # A stop counts if it kept a script from starting or came while one
+                # ran; one that comes after the last script has exited is too late.
+                stop = self._stop_asked(task.id)
+                if stop:
                     break
-                shown = printable(os.path.join(label, os.path.basename(path)))
+                shown = printable(os.path.join(shown_folder, os.path.basename(path)))
                 out.write(command_line([shown] + task.args).encode() + b"\n")
-                exit_code, seconds, reason = self._run_script(
+                exit_code, seconds, stop = self._run_script(
                     task, [path] + task.args, folder, env, stdin, out)
                 out.write(b"exit code: %d\n\n" % exit_code)
                 runs.append({"path": shown, "exit_code": exit_code, "seconds": round(seconds, 3)})
-                if exit_code != 0 or reason:
-                    status = "failed"
+                if exit_code != 0 or stop:
                     break
                 if i + 1 < len(scripts):
                     with contextlib.suppress(sqlite3.Error):  # a full disk: finish has them
                         self.store.record_scripts(task.id, runs)
+        finally:
             if timer:
                 timer.cancel()
-            if reason:
-                status = reason[0]
-                out.write(reason[1].encode() + b"\n")
-        return status, exit_code, runs
+        if stop:
+            out.write(stop[1].encode() + b"\n")
+            return Outcome(stop[0], exit_code, runs)
+        return Outcome("complete" if exit_code == 0 else "failed", exit_code, runs)
 
     def _run_script(self, task, argv, folder, env, stdin, out):
         """Run one script in its own process group; returns (exit code, seconds, the
@@ -943,22 +1022,20 @@ class Runner:
             out.write(f"cannot run {argv[0]}: {e.strerror}\n".encode())
             exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             return exit_code, time.monotonic() - started, None
-        self._process = (task.id, proc)
-        if self._stop_reason(task.id):
-            self._terminate(proc)
+        if self._track(task.id, proc):
+            self._begin_stop(proc)
         with contextlib.suppress(sqlite3.Error):  # a full disk must not orphan the script
             self.store.record_process(task.id, proc.pid)
         returncode = proc.wait()
-        self._process = None
-        stopped = self._stop_reason(task.id)
-        if stopped:
+        stop = self._track(task.id, None)
+        if stop:
             self._await_group(proc.pid)
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
         self._reap_left_behind()
         # A script killed by signal N exits 128 + N, as a shell reports it.
         exit_code = returncode if returncode >= 0 else 128 - returncode
-        return exit_code, time.monotonic() - started, stopped
+        return exit_code, time.monotonic() - started, stop
 
 
 @contextlib.contextmanager
@@ -1063,24 +1140,29 @@ def iso8601(us):
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + offset[:3] + ":" + offset[3:]
 
 
-def render_process(task, scripts_label):
+def task_folder(task, shown_scripts_dir):
+    """The task's scripts folder as the user named it."""
+    return os.path.join(shown_scripts_dir, task.name)
+
+
+def render_process(task, shown_scripts_dir):
     """The PROCESS line: the scripts' glob, unquoted, then each argument quoted."""
-    glob = shell_quote(os.path.join(scripts_label, task.name)) + "/*"
+    glob = shell_quote(task_folder(task, shown_scripts_dir)) + "/*"
     return " ".join([glob] + [shell_quote(a) for a in task.args])
 
 
-def render_record_head(task, scripts_label):
+def render_record_head(task, shown_scripts_dir):
     """The record's seven lines up to `RESULTS: `; the output and one newline follow."""
     return (f"ID:      {task.id}\n"
             f"NAME:    {task.name}\n"
             f"PARAMS:  {php_json(task.params_json)}\n"
             f"STATUS:  {task.status}\n"
             f"CREATED: {rfc2822(task.created_us)}\n"
-            f"PROCESS: {render_process(task, scripts_label)}\n"
+            f"PROCESS: {render_process(task, shown_scripts_dir)}\n"
             f"RESULTS: ")
 
 
-def task_fields(task, scripts_label, position=None):
+def task_fields(task, shown_scripts_dir, position=None):
     """The task as a JSON-ready dict, without its output."""
     return {
         "id": task.id,
@@ -1091,7 +1173,7 @@ def task_fields(task, scripts_label, position=None):
         "started": iso8601(task.started_us),
         "finished": iso8601(task.finished_us),
         "exit_code": task.exit_code,
-        "process": [os.path.join(scripts_label, task.name, "*")] + task.args,
+        "process": [task_folder(task, shown_scripts_dir) + "/*"] + task.args,
         "position": position,
         "scripts": task.scripts,
     }
@@ -1112,21 +1194,22 @@ def render_task_json(fields, log_file):
     yield b'"}\n'
 
 
-def render_json_list(tasks, scripts_label, position):
-    """The task list as JSON, without output, a task at a time."""
+def render_json_list(tasks, shown_scripts_dir, position):
+    """The task list as JSON, without output, a task at a time; `position(task_id)`
+    gives a pending task's position in the queue."""
     separator = b"["
     for task in tasks:
-        fields = task_fields(task, scripts_label, position(task))
+        fields = task_fields(task, shown_scripts_dir, position(task.id))
         yield separator + json.dumps(fields, ensure_ascii=False).encode()
         separator = b",\n"
     yield b"[]\n" if separator == b"[" else b"]\n"
 
 
-def render_records(tasks, scripts_label, open_log):
+def render_records(tasks, shown_scripts_dir, log_path):
     """The text records one after another, as the original's list printed them."""
     for task in tasks:
-        yield render_record_head(task, scripts_label).encode()
-        with open_log(task.id) as f:
+        yield render_record_head(task, shown_scripts_dir).encode()
+        with open_log_to_read(log_path(task.id)) as f:
             yield from read_chunks(f)
         yield b"\n\n"
 
@@ -1187,7 +1270,7 @@ FOLLOW_SCRIPT = """<script>
 </script>"""
 
 
-def render_task_html(task, scripts_label, output_tail, truncated):
+def render_task_html(task, shown_scripts_dir, output_tail, truncated):
     """A task's page for a browser; while the task is unfinished its output follows live."""
     e = html.escape
     note = (f'<p>Earlier output is in <a href="{task.id}/log">the full log</a>.</p>'
@@ -1195,7 +1278,7 @@ def render_task_html(task, scripts_label, output_tail, truncated):
     parts = [
         '<p><a href="../tasks">All tasks</a></p>',
         render_task_div(task, None),
-        f"<p>Process: <code>{e(render_process(task, scripts_label))}</code></p>",
+        f"<p>Process: <code>{e(render_process(task, shown_scripts_dir))}</code></p>",
         note,
         f'<pre id="output">{e(output_tail.decode("utf-8", "replace"))}</pre>',
     ]
@@ -1221,6 +1304,11 @@ class HTTPError(Exception):
 def abort(status, reason, headers=None):
     """Stop handling the request and answer `status` with a one-line reason."""
     raise HTTPError(status, reason, headers)
+
+
+def not_found():
+    """Answer 404 `Not found`, without a newline, as the original's server.php does."""
+    abort(404, NOT_FOUND)
 
 
 def unauthorized(reason="Authentication required."):
@@ -1289,9 +1377,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- dispatch --
 
+    def handle_one_request(self):
+        """Answer one request; every per-request field is set here first, so that
+        nothing of a keep-alive connection's previous request survives into it."""
+        self.headers = None         # until parsed
+        self.request_no = None      # counted as the answer starts (X-Req-Count)
+        self.query = []             # the query's (key, value) pairs, decoded once
+        self.body_length = 0        # declared; -1 if chunked or malformed
+        self.body_pending = False   # a body is declared and not yet read
+        self.needs_signature = False
+        self.sent = False           # the answer has begun
+        super().handle_one_request()
+
     def _dispatch(self):
         """Route, authorize and answer one request; errors become one-line answers."""
-        self.request_no = next(self.server.request_counter)
         self.body_length = self._declared_length()
         self.body_pending = self.body_length != 0
         self.sent = False
@@ -1306,7 +1405,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.close_connection = True
                     abort(400, "Malformed header line.")
                 url = urllib.parse.urlsplit(self.path)
-                self.query = url.query
                 method = "GET" if self.command == "HEAD" else self.command
                 self.needs_signature = self._authorize(url.path, method)
                 methods, args = self._route(url.path)
@@ -1314,6 +1412,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
                     abort(405, f"Method {self.command} is not allowed here.",
                           {"Allow": ", ".join(allowed)})
+                # The request line was decoded as Latin-1: this gives back its bytes.
+                self.query = parse_form(url.query.encode("latin-1"))
                 getattr(self, methods[method])(*args)
             except HTTPError as e:
                 self._send_reason(e.status, e.reason, e.headers)
@@ -1343,7 +1443,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             match = pattern.fullmatch(path)
             if match:
                 return methods, match.groups()
-        abort(404, "Not found")
+        not_found()
 
     # -- request parsing --
 
@@ -1385,14 +1485,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if "application/json" in accept:
             return kind == "json"
         if self.command in ("GET", "HEAD"):
-            fmt = dict(urllib.parse.parse_qsl(self.query)).get("format")
+            fmt = dict(self.query).get("format")
             if fmt in ("json", "html", "text"):
                 return kind == fmt
         return kind == "html" and "text/html" in accept
 
     def _query_flag(self, key):
         """Whether a query parameter is set to something other than 0."""
-        return dict(urllib.parse.parse_qsl(self.query)).get(key) not in (None, "", "0")
+        return dict(self.query).get(key) not in (None, "", "0")
 
     # -- authorization --
 
@@ -1451,11 +1551,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         if self.needs_signature:
             self._check_signature(body)
-        try:
-            raw_query = self.query.encode("latin-1")
-        except UnicodeEncodeError:
-            abort(400, "Parameters must be percent-encoded UTF-8.")
-        pairs = parse_form(raw_query)
+        pairs = list(self.query)
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type == FORM_TYPE:
             pairs += parse_form(body)
@@ -1466,11 +1562,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad or missing name parameter.")
         check_params(params)
         folder = os.path.join(self.server.scripts_dir, name)
-        folder_shown = os.path.join(self.server.scripts_label, name)
+        shown_folder = os.path.join(self.server.shown_scripts_dir, name)
         if not has_scripts(folder):
-            abort(404, f"No task named {name!r}: {folder_shown}/ holds no executable script.")
+            abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
         try:
-            read_task_settings(folder, folder_shown)
+            read_task_settings(folder, shown_folder)
         except SettingsError as e:
             abort(500, str(e))
         try:
@@ -1480,22 +1576,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
         if self._wants("json"):
-            fields = task_fields(task, self.server.scripts_label, position)
+            fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))
         else:
             content_type = TEXT
-            record = (render_record_head(task, self.server.scripts_label) + "\n").encode()
+            record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
         synced()  # a 2xx promises the task is on disk
         self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
         """GET /tasks: the list, as HTML, JSON or text records."""
-        store, label = self.server.store, self.server.scripts_label
+        store, shown = self.server.store, self.server.shown_scripts_dir
         tasks = store.newest_first()
         if self._wants("json"):
-            self._send_chunks(200, JSON, render_json_list(tasks, label, self._position))
+            self._send_chunks(200, JSON, render_json_list(tasks, shown, store.position))
         elif self._wants("text"):
-            self._send_chunks(200, TEXT, render_records(tasks, label, self._open_log))
+            self._send_chunks(200, TEXT, render_records(tasks, shown, store.log_path))
         else:
             page = render_list_html(tasks, store.pending_count(), store.busy())
             self._send(200, HTML, page.encode())
@@ -1503,9 +1599,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def show_task(self, task_id):
         """GET /tasks/ID: the record, as text, JSON or a live HTML page."""
         task = self._task(task_id)
-        label = self.server.scripts_label
+        shown = self.server.shown_scripts_dir
         if self._wants("json"):
-            fields = task_fields(task, label, self._position(task))
+            fields = task_fields(task, shown, self.server.store.position(task_id))
             with self._open_log(task_id) as f:
                 self._send_chunks(200, JSON, render_task_json(fields, f))
         elif self._wants("html"):
@@ -1513,10 +1609,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 size = os.fstat(f.fileno()).st_size
                 f.seek(max(0, size - HTML_TAIL_BYTES))
                 tail = f.read(HTML_TAIL_BYTES)
-            page = render_task_html(task, label, tail, truncated=size > HTML_TAIL_BYTES)
+            page = render_task_html(task, shown, tail, truncated=size > HTML_TAIL_BYTES)
             self._send(200, HTML, page.encode())
         else:
-            head = render_record_head(task, label).encode()
+            head = render_record_head(task, shown).encode()
             with self._open_log(task_id) as f:
                 self._send_file(200, TEXT, f, head, b"\n")
 
@@ -1538,7 +1634,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             while True:
                 # Both are read before the log, so that the last read has every line.
-                status, stopping = store.status(task_id), self.server.stopping.is_set()
+                status, stopping = store.status(task_id), self.server.shutting_down.is_set()
                 if f is None and os.path.exists(path):
                     f = open(path, "rb")
                 if f:
@@ -1553,14 +1649,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def cancel_task(self, task_id):
         """DELETE /tasks/ID: a pending task never runs; a running one is stopped."""
         store, runner = self.server.store, self.server.runner
-        task = self._task(task_id)
-        status = task.status if task.finished else store.cancel_pending(task_id)
-        if status == "running":
-            runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
-            runner.wait_finished(task_id, runner.grace_s + 5)
-            status = store.status(task_id)
-        if status in FINISHED and (status != "cancelled" or task.finished):
-            abort(409, f"Task {task_id} has already finished ({status}).")  # before this
+        status = self._task(task_id).status
+        if status not in FINISHED:
+            status = store.cancel_pending(task_id)
+            if status == "running":
+                runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
+                runner.wait_finished(task_id, runner.grace_s + 5)
+                status = store.status(task_id)
+            if status == "cancelled":  # by this request, or one racing with it
+                return self.show_task(task_id)
+        if status in FINISHED:  # also one whose last script exited before the stop came
+            abort(409, f"Task {task_id} has already finished ({status}).")
         self.show_task(task_id)
 
     # -- helpers --
@@ -1569,25 +1668,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The task with this id, or a 404."""
         task = self.server.store.get(task_id)
         if task is None:
-            abort(404, "Not found")
+            not_found()
         return task
 
-    def _position(self, task):
-        """A pending task's place in the queue, else None."""
-        return self.server.store.position(task.id) if task.status == "pending" else None
-
     def _open_log(self, task_id):
-        """The task's log file, or an empty stand-in before it has one."""
-        try:
-            return open(self.server.store.log_path(task_id), "rb")
-        except FileNotFoundError:
-            return open(os.devnull, "rb")
+        """The task's log file to read, or an empty stand-in before it has one."""
+        return open_log_to_read(self.server.store.log_path(task_id))
 
     # -- sending: every response leaves through _send, _send_file or _send_chunks --
 
     def _start(self, status, content_type, headers):
         """Status line and the headers every answer has."""
         self.sent = True
+        self.request_no = next(self.server.request_counter)
         if self.body_pending:  # an unread body would be taken for the next request
             self.close_connection = True
         self.send_response(status)
@@ -1651,14 +1744,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_reason(self, status, reason, headers=None):
         """Send a one-line reason, as JSON if JSON was asked for."""
-        if self._error_wants_json():
+        if self.headers is not None and "application/json" in self.headers.get("Accept", ""):
             self._send(status, JSON, json_bytes({"error": reason}), headers)
         else:
-            self._send(status, TEXT, reason.encode() + b"\n", headers)
-
-    def _error_wants_json(self):
-        """Whether JSON was asked for, also before the headers are parsed."""
-        return self.headers is not None and "application/json" in self.headers.get("Accept", "")
+            end = b"" if reason == NOT_FOUND else b"\n"  # the original's exact answer
+            self._send(status, TEXT, reason.encode() + end, headers)
 
     def handle_expect_100(self):
         """Hold `100 Continue` back until the body is wanted (see _read_body), so that
@@ -1670,10 +1760,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if not self.request_version or self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # or no status line would be sent
-        if not hasattr(self, "headers"):
-            self.headers = None
-        self.request_no = next(self.server.request_counter)
-        self.body_pending = False
         reason = message or self.responses.get(code, ("Bad request",))[0]
         self._send_reason(code, reason.replace("\r", " ").replace("\n", " "))
 
@@ -1700,13 +1786,13 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.store = store
         self.runner = runner
         self.scripts_dir = runner.scripts_dir
-        self.scripts_label = runner.scripts_label
+        self.shown_scripts_dir = runner.shown_scripts_dir
         self.token = token
         self.secret = secret
         self.request_counter = itertools.count(1)
         # Set once the runner has stopped: follow streams then send what is left of
         # their log, and end the answer properly instead of being cut off at exit.
-        self.stopping = threading.Event()
+        self.shutting_down = threading.Event()
         self._answers = 0  # requests being answered
         self._answers_changed = threading.Condition()
         super().__init__(address, Handler)
@@ -1730,7 +1816,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
 
     def end_answers(self, timeout_s):
         """Tell follow streams to end, and wait a while for every answer under way."""
-        self.stopping.set()
+        self.shutting_down.set()
         with self._answers_changed:
             self._answers_changed.wait_for(lambda: self._answers == 0, timeout_s)
 
@@ -1819,8 +1905,8 @@ def main(argv=None):
                         format="%(asctime)s tasktrain: %(message)s")
     scripts_dir = os.path.abspath(args.scripts_dir or os.path.join(HERE, "scripts.d"))
     # Records and logs show the scripts folder as the user named it.
-    scripts_label = (printable(args.scripts_dir.rstrip("/") or "/") if args.scripts_dir
-                     else "scripts.d")
+    shown_scripts_dir = (printable(args.scripts_dir.rstrip("/") or "/") if args.scripts_dir
+                         else "scripts.d")
     state_dir = os.path.abspath(args.state_dir or os.path.join(HERE, "state"))
     try:
         os.makedirs(scripts_dir, exist_ok=True)
@@ -1837,7 +1923,7 @@ def main(argv=None):
     except sqlite3.Error as e:
         log.error("cannot open the task database in %s: %s", state_dir, e)
         return 1
-    runner = Runner(store, scripts_dir, scripts_label, args.timeout, args.grace)
+    runner = Runner(store, scripts_dir, shown_scripts_dir, args.timeout, args.grace)
     try:
         server = TaskTrainServer((args.host, args.port), store, runner, args.token, args.secret)
     except OSError as e:
