@@ -93,9 +93,13 @@ class Daemon:
         return self.get(f"/tasks/{task_id}", headers={"Accept": "application/json"}).json()
 
     def wait_status(self, task_id, *statuses, timeout=DEADLINE_S):
-        statuses = statuses or ("complete", "failed", "cancelled")
-        return wait_for(lambda: self.task(task_id)["status"] in statuses and self.task(task_id),
-                        timeout, f"task {task_id} never reached {statuses}")
+        """The task's JSON once its status is one of `statuses` (default: finished)."""
+        statuses = statuses or tasktrain.FINISHED
+
+        def reached():
+            task = self.task(task_id)
+            return task if task["status"] in statuses else None
+        return wait_for(reached, timeout, f"task {task_id} never reached {statuses}")
 
     def log(self, task_id):
         return self.get(f"/tasks/{task_id}/log").text
@@ -200,12 +204,24 @@ def daemon(tmp_path, daemons):
     return daemons()
 
 
+def example_daemon(root):
+    """A daemon whose one task, `example`, prints its arguments."""
+    add_script(root, "example", "args.sh", ARGS_SCRIPT)
+    return Daemon(root)
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon shared by tests that look only at the answers to their own requests."""
+    d = example_daemon(tmp_path_factory.mktemp("shared"))
+    yield d
+    d.stop()
+
+
 @pytest.fixture(scope="module")
 def idle_daemon(tmp_path_factory):
     """One daemon shared by the table tests that must store nothing; each checks it."""
-    root = tmp_path_factory.mktemp("idle")
-    add_script(root, "example", "args.sh", ARGS_SCRIPT)
-    d = Daemon(root)
+    d = example_daemon(tmp_path_factory.mktemp("idle"))
     yield d
     assert d.get("/tasks?format=json").json() == []
     d.stop()
@@ -359,8 +375,10 @@ def test_record_is_seven_lines_byte_for_byte(daemon):
     ({"q": 'say "hi"\n\t<b>&'}, '{"q":"say \\"hi\\"\\n\\t<b>&"}'),
     ({"e": "\U0001F600"}, '{"e":"\\ud83d\\ude00"}'),
 ])
-def test_params_line_is_php_json_encode(params, expected):
-    assert tasktrain.php_json(json.dumps(params, separators=(",", ":"))) == expected
+def test_params_line_is_php_json_encode(shared_daemon, params, expected):
+    resp = shared_daemon.request("POST", "/task?" + urllib.parse.urlencode({"name": "example",
+                                                                            **params}))
+    assert resp.status in (200, 201) and record_fields(resp.text)["PARAMS"] == expected
 
 
 def test_process_line_quotes_each_argument_and_stays_one_line(daemon):
@@ -386,23 +404,23 @@ def test_ids_are_unique_and_increasing_across_restarts(tmp_path, daemons):
 
 def test_id_clock_never_repeats_within_a_microsecond(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
-    ids = [store.submit("example", {"i": str(i)})[0].id for i in range(200)]
+    ids = [store.submit("example", {"i": str(i)}).task.id for i in range(200)]
     store.close()
     assert ids == sorted(set(ids))
 
 
 def test_a_failed_commit_leaves_the_queue_as_the_table_has_it(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
-    first = store.submit("example", {"i": "1"})[0]
-    second = store.submit("example", {"i": "2"})[0]
-    claimed, synced = store.start_claiming()
-    synced()
-    assert store.claim_next() is None  # one task at a time
+    first = store.submit("example", {"i": "1"}).task
+    second = store.submit("example", {"i": "2"}).task
+    claim = store.start_claiming()
+    claim.synced()
+    assert store.claim() is None  # one task at a time
     with pytest.raises(sqlite3.IntegrityError):  # status may not be NULL
-        store.finish(claimed.id, None, 0, [], claim_next=True)
-    assert (claimed.id, store.status(first.id)) == (first.id, "running")
+        store.finish(claim.task.id, None, 0, [], claim_next=True)
+    assert (claim.task.id, store.status(first.id)) == (first.id, "running")
     assert store.pending_count() == 1 and store.position(second.id) == 1
-    assert store.submit("example", {"i": "2"})[1] is False  # still coalesces with it
+    assert store.submit("example", {"i": "2"}).is_new is False  # still coalesces with it
     store.close()
 
 
@@ -410,32 +428,50 @@ def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path
     store = tasktrain.TaskStore(str(tmp_path))
     assert store.start_claiming() is None  # the runner is ready; nothing waits
     handed = []
-    first, second = (store.submit("example", {"i": i}, on_claimed=lambda *c: handed.append(c))
-                     for i in "12")
+    first, second = (store.submit("example", {"i": i}, on_claimed=handed.append) for i in "12")
     assert (first.task.status, first.position) == ("pending", 1)  # the answer: as queued
-    assert [task.id for task, _ in handed] == [first.task.id]  # one task at a time
-    assert store.status(first.task.id) == "running" and store.claim_next() is None
+    assert [claim.task.id for claim in handed] == [first.task.id]  # one task at a time
+    assert store.status(first.task.id) == "running" and store.claim() is None
     assert store.position(second.task.id) == 1
-    claimed, _ = store.finish(first.task.id, "complete", 0, [], claim_next=True)
-    assert claimed.id == second.task.id
+    claim = store.finish(first.task.id, "complete", 0, [], claim_next=True)
+    assert claim.task.id == second.task.id
     store.close()
+
+
+def start_runner(tmp_path):
+    """A store under tmp_path/state and its runner, started, in this process."""
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    runner.start()
+    return store, runner
+
+
+@contextlib.contextmanager
+def store_refuses_status(state_dir, status=None):
+    """While inside, the task database refuses to set a task's status (to `status`,
+    or to any), as a full disk would: a trigger aborts the write."""
+    db = sqlite3.connect(state_dir / "tasks.sqlite3")
+    when = f"WHEN NEW.status = '{status}' " if status else ""
+    db.execute("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tasks "
+               f"{when}BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.commit()
+    try:
+        yield
+    finally:
+        db.execute("DROP TRIGGER disk_full")
+        db.commit()
+        db.close()
 
 
 def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
-    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
-    db.execute("CREATE TRIGGER no_claims BEFORE UPDATE OF status ON tasks "
-               "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    db.commit()
     store.start_claiming()
     handed = []
-    with pytest.raises(sqlite3.DatabaseError):
-        store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c))
-    db.execute("DROP TRIGGER no_claims")
-    db.commit()
-    db.close()
+    with store_refuses_status(tmp_path):
+        with pytest.raises(sqlite3.DatabaseError):
+            store.submit("example", {"i": "1"}, on_claimed=handed.append)
     assert store.pending_count() == 0 and not handed  # nothing queued, nothing claimed
-    store.submit("example", {"i": "2"}, on_claimed=lambda *c: handed.append(c))
+    store.submit("example", {"i": "2"}, on_claimed=handed.append)
     assert len(handed) == 1
     store.close()
 
@@ -444,37 +480,25 @@ def test_a_task_whose_end_cannot_be_written_still_holds_the_runner(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
     store.start_claiming()
     handed = []
-    first = store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c)).task
-    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
-    db.execute("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tasks "
-               "WHEN NEW.status = 'complete' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    db.commit()
-    with pytest.raises(sqlite3.DatabaseError):
-        store.finish(first.id, "complete", 0, [], claim_next=True)
-    second = store.submit("example", {"i": "2"}, on_claimed=lambda *c: handed.append(c)).task
-    assert len(handed) == 1 and store.claim_next() is None  # still one task at a time
-    db.execute("DROP TRIGGER disk_full")
-    db.commit()
-    db.close()
-    claimed, _ = store.finish(first.id, "complete", 0, [], claim_next=True)  # the retry
-    assert claimed.id == second.id and store.status(first.id) == "complete"
+    first = store.submit("example", {"i": "1"}, on_claimed=handed.append).task
+    with store_refuses_status(tmp_path, "complete"):
+        with pytest.raises(sqlite3.DatabaseError):
+            store.finish(first.id, "complete", 0, [], claim_next=True)
+        second = store.submit("example", {"i": "2"}, on_claimed=handed.append).task
+        assert len(handed) == 1 and store.claim() is None  # still one task at a time
+    claim = store.finish(first.id, "complete", 0, [], claim_next=True)  # the retry
+    assert claim.task.id == second.id and store.status(first.id) == "complete"
     store.close()
 
 
 def test_a_task_whose_end_cannot_be_written_is_not_run_again_after_a_stop(tmp_path):
     add_script(tmp_path, "example", "run", f'echo ran >> "{tmp_path}/ran"\n')
-    store = tasktrain.TaskStore(str(tmp_path / "state"))
-    db = sqlite3.connect(tmp_path / "state" / "tasks.sqlite3")
-    db.execute("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tasks "
-               "WHEN NEW.status = 'complete' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    db.commit()
-    db.close()
-    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
-    runner.start()
-    task = store.submit("example", {}, on_claimed=runner.hand_over).task
-    wait_for(lambda: (tmp_path / "ran").exists())
-    runner.shutdown("stopped")  # while it tries again to write the task's end
-    assert store.status(task.id) == "running" and store.pending_count() == 0
+    store, runner = start_runner(tmp_path)
+    with store_refuses_status(tmp_path / "state", "complete"):
+        task = store.submit("example", {}, on_claimed=runner.hand_over).task
+        wait_for(lambda: (tmp_path / "ran").exists())
+        runner.shutdown("stopped")  # while it tries again to write the task's end
+        assert store.status(task.id) == "running" and store.pending_count() == 0
     store.close()
     store = tasktrain.TaskStore(str(tmp_path / "state"))  # the next start
     assert store.status(task.id) == "failed" and store.start_claiming() is None
@@ -485,46 +509,54 @@ def test_a_task_handed_over_but_not_started_stays_first_in_line_when_the_runner_
     store = tasktrain.TaskStore(str(tmp_path))
     store.start_claiming()
     handed = []
-    first, twin = (store.submit("example", {"i": "1"}, on_claimed=lambda *c: handed.append(c)).task
+    first, twin = (store.submit("example", {"i": "1"}, on_claimed=handed.append).task
                    for _ in range(2))  # twin: identical, queued once first was running
     store.stop_claiming()
     assert [store.position(t.id) for t in (first, twin)] == [1, 2]
-    assert store.claim_next() is None and len(handed) == 1
+    assert store.claim() is None and len(handed) == 1
     store.close()
     store = tasktrain.TaskStore(str(tmp_path))  # the next start runs both, in order
-    claimed, _ = store.start_claiming()
-    assert claimed.id == first.id
-    assert store.finish(first.id, "complete", 0, [], claim_next=True)[0].id == twin.id
+    assert store.start_claiming().task.id == first.id
+    assert store.finish(first.id, "complete", 0, [], claim_next=True).task.id == twin.id
     store.close()
 
 
 def test_a_task_the_daemon_stops_before_its_first_script_stays_first_in_line(tmp_path):
     add_script(tmp_path, "example", "run", f'touch "{tmp_path}/ran"\n')
-    store = tasktrain.TaskStore(str(tmp_path / "state"))
-    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
-    runner.start()
+    store, runner = start_runner(tmp_path)
     stopping = threading.Thread(target=runner.shutdown, args=("stopped",))
 
-    def stop_while_syncing(task, synced):  # the daemon is told to stop during the fsync
+    def stop_while_syncing(claim):  # the daemon is told to stop during the fsync
         def sync_then_stop():
-            synced()
+            claim.synced()
             stopping.start()
-            wait_for(lambda: runner.handed_over.qsize())  # shutdown's last word is queued
-        runner.hand_over(task, sync_then_stop)
+            wait_for(lambda: not runner.handed_over.empty())  # shutdown's last word is queued
+        runner.hand_over(claim._replace(synced=sync_then_stop))
 
     task = store.submit("example", {}, on_claimed=stop_while_syncing).task
-    stopping_started = wait_for(lambda: stopping.ident)
+    wait_for(lambda: stopping.ident)
     stopping.join(DEADLINE_S)
-    assert stopping_started and not stopping.is_alive()
+    assert not stopping.is_alive()
     assert (store.status(task.id), store.position(task.id)) == ("pending", 1)
     assert not (tmp_path / "ran").exists()
     store.close()
 
 
+def test_a_stop_that_comes_after_its_task_ended_is_forgotten_by_the_next(tmp_path):
+    add_script(tmp_path, "example", "run", "exit 0\n")
+    store, runner = start_runner(tmp_path)
+    first = store.submit("example", {"i": "1"}, on_claimed=runner.hand_over).task
+    assert runner.wait_finished(first.id, DEADLINE_S)
+    runner.stop(first.id, "cancelled", "too late")  # a cancel that lost the race
+    second = store.submit("example", {"i": "2"}, on_claimed=runner.hand_over).task
+    assert runner.wait_finished(second.id, DEADLINE_S)
+    assert store.status(second.id) == "complete" and runner._stops == {}
+    runner.shutdown("stopped")
+    store.close()
+
+
 def test_a_stopped_runner_is_handed_nothing_more(tmp_path):
-    store = tasktrain.TaskStore(str(tmp_path / "state"))
-    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
-    runner.start()
+    store, runner = start_runner(tmp_path)
     runner.shutdown("stopped")
     task = store.submit("example", {}, on_claimed=runner.hand_over).task
     assert store.status(task.id) == "pending"
@@ -621,7 +653,8 @@ def test_bad_params_are_400_naming_the_problem(idle_daemon, query, reason):
 def test_limits_accept_the_largest_valid_params(daemon):
     params = {f"k{i}": "v" for i in range(99)}
     params["K_9.a-" + "z" * 58] = "x" * (8 * 1024)
-    assert daemon.submit("example", **params)
+    task_id = daemon.submit("example", **params)
+    assert daemon.task(task_id)["params"] == params
 
 
 def test_form_body_gives_params_and_later_values_win(tmp_path, daemon):
@@ -673,7 +706,7 @@ def test_unknown_task_id_and_path_are_404(idle_daemon):
     for path in ("/tasks/0123456789abc", "/tasks/xyz", "/nope", "/tasks/0123456789abc/log",
                  "/tasks/"):
         resp = idle_daemon.get(path)
-        assert (resp.status, resp.text) == (404, "Not found\n"), path
+        assert (resp.status, resp.text) == (404, "Not found"), path  # as server.php
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -1397,78 +1430,18 @@ def test_stalled_clients_do_not_hold_up_anyone(daemon):
     try:
         start = time.monotonic()
         assert daemon.get("/").status == 200
-        assert daemon.submit("example")
+        daemon.submit("example")
         assert time.monotonic() - start < 2
     finally:
         for s in stalled:
             s.close()
 
 
-# ----------------------------------------------------------------------------
-# §8 Task settings
-# ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, settings", [
-    (None, tasktrain.TaskSettings()),
-    ("", tasktrain.TaskSettings()),
-    ("# only a comment\n", tasktrain.TaskSettings()),
-    ("[task]\n", tasktrain.TaskSettings()),
-    ("[task]\nevents = push tag_push  # GitLab's names\n",
-     tasktrain.TaskSettings(events=frozenset({"push", "tag_push"}))),
-    ("[task]\nsupersede = ref branch ref\ntimeout = 90\n",
-     tasktrain.TaskSettings(supersede=("ref", "branch"), timeout_s=90.0)),
-    ("; no limit for this one\n[task]\nTimeout = 0\n", tasktrain.TaskSettings(timeout_s=0.0)),
-])
-def test_task_settings_are_read_and_default_where_absent(tmp_path, text, settings):
-    if text is not None:
-        (tmp_path / ".task.ini").write_text(text)
-    assert tasktrain.read_task_settings(str(tmp_path), "scripts.d/deploy") == settings
-
-
-@pytest.mark.parametrize("content, problem", [
-    ("events = push\n", "line 1: expected the [task] line first, found 'events = push'."),
-    ("[task\n", "line 1: expected the [task] line first, found '[task'."),
-    ("[task]\npush\n", "line 2: not a 'key = value' line: 'push'."),
-    ("[task]\nevents = push\nevents = tag_push\n", "line 3: 'events' is set twice."),
-    ("[task]\n[task]\n", "line 2: [task] appears twice."),
-    ("[task]\nevent = push\n", "unknown key 'event' in [task]: the keys are events, supersede, "
-                               "timeout."),
-    ("[deploy]\nevents = push\n", "unknown section [deploy]: the settings go in [task]."),
-    ("[task]\n[extra]\n", "unknown section [extra]: the settings go in [task]."),
-    ("[DEFAULT]\ntimeout = 5\n[task]\n", "unknown section [DEFAULT]: the settings go in [task]."),
-    ("[task]\nevents =\n", "events is empty: name lowercase events such as push or tag_push, "
-                           "or remove the line."),
-    ("[task]\nevents = Push Hook\n", "events: 'Push' will not do: name lowercase events such as "
-                                     "push or tag_push."),
-    ("[task]\nsupersede = --force\n", "supersede: '--force' will not do: name parameters or ref."),
-    ("[task]\ntimeout = soon\n", "timeout = 'soon' is not a number of seconds (0 or more)."),
-    ("[task]\ntimeout = -1\n", "timeout = '-1' is not a number of seconds (0 or more)."),
-    ("[task]\ntimeout = nan\n", "timeout = 'nan' is not a number of seconds (0 or more)."),
-    ("[task]\ntimeout = inf\n", "timeout = 'inf' is not a number of seconds (0 or more)."),
-    (b"[task]\nevents = \xff\n", "it is not UTF-8 text."),
-    (None, "cannot read it: Is a directory."),
-])
-def test_a_bad_settings_file_is_one_line_naming_the_file_and_the_problem(tmp_path, content,
-                                                                         problem):
-    path = tmp_path / ".task.ini"
-    if content is None:
-        path.mkdir()
-    else:
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(tasktrain.SettingsError) as refused:
-        tasktrain.read_task_settings(str(tmp_path), "scripts.d/deploy")
-    assert str(refused.value) == "scripts.d/deploy/.task.ini: " + problem
-
-
-def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
-    add_script(tmp_path, "deploy", "run", "exit 0\n")
-    settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
-    settings.write_text("[task]\nevnets = push\n")
-    d = daemons()
-    resp = d.request("POST", "/task?name=deploy")
-    assert (resp.status, resp.text) == (500, f"{d.scripts}/deploy/.task.ini: unknown key "
-                                             "'evnets' in [task]: the keys are events, "
-                                             "supersede, timeout.\n")
-    assert d.get("/tasks?format=json").json() == []
-    settings.write_text("[task]\nevents = push\n")  # read at every submission: fixed at once
-    d.submit("deploy")
+def test_nothing_of_a_keep_alive_requests_headers_reaches_the_next(idle_daemon):
+    with socket.create_connection(("127.0.0.1", idle_daemon.port), timeout=DEADLINE_S) as s:
+        s.sendall(b"GET /nope HTTP/1.1\r\nAccept: application/json\r\n\r\n"
+                  b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+        answer = b"".join(iter(lambda: s.recv(65536), b""))  # the 414 closes the connection
+    first, second = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"404") and b'{"error": "Not found"}' in first
+    assert second.startswith(b"414") and b"text/plain" in second and b"{" not in second
