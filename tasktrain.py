@@ -28,7 +28,10 @@ import codecs
 import configparser
 import contextlib
 import dataclasses
+import email.errors
+import errno
 import fcntl
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -87,6 +90,17 @@ FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
 CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout)  # a client left or stalled
 FORM_TYPE = "application/x-www-form-urlencoded"
+# http.client parses a request head as an email message: a multipart Content-Type makes
+# it look for MIME parts in the (empty) payload, and flag their absence. Only these
+# defects are about the header lines themselves.
+HEADER_LINE_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
+                       email.errors.FirstHeaderLineIsContinuationDefect,
+                       email.errors.InvalidHeaderDefect)
+# Sec-Fetch-Site values of requests a browser made from this daemon's own pages, or
+# that a user typed (Fetch Metadata; Go's net/http CrossOriginProtection).
+SAME_SITE_FETCHES = ("same-origin", "none")
+# Editor and package-manager leftovers: an Emacs backup `run~` keeps the exec bit.
+LEFTOVER_PATTERNS = ("*~", "*.bak", "*.orig", "*.swp", "*.dpkg-*", "*.rpmnew", "*.rpmsave")
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json; charset=utf-8"
@@ -198,19 +212,25 @@ def parse_id(task_id):
 
 
 def list_scripts(folder, first_only=False):
-    """The task's scripts: non-hidden regular files (or links to them) with an exec bit, sorted."""
+    """The task's scripts: non-hidden regular files (or links to them) with an exec bit,
+    other than editor and package-manager leftovers, sorted."""
     scripts = []
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if (not entry.name.startswith(".") and entry.is_file()
-                        and os.access(entry.path, os.X_OK)):
+                if (not entry.name.startswith(".") and not is_leftover(entry.name)
+                        and entry.is_file() and os.access(entry.path, os.X_OK)):
                     scripts.append(entry.path)
                     if first_only:
                         break
     except OSError:
         return []
     return sorted(scripts)
+
+
+def is_leftover(filename):
+    """Whether a file name is an editor's backup or a package manager's leftover."""
+    return any(fnmatch.fnmatchcase(filename, pattern) for pattern in LEFTOVER_PATTERNS)
 
 
 def has_scripts(folder):
@@ -1019,7 +1039,7 @@ class Runner:
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
-            out.write(f"cannot run {argv[0]}: {e.strerror}\n".encode())
+            out.write(f"cannot run {argv[0]}: {why_not_run(argv[0], e)}\n".encode())
             exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             return exit_code, time.monotonic() - started, None
         if self._track(task.id, proc):
@@ -1048,6 +1068,25 @@ def stdin_for(body, devnull):
         f.write(body)
         f.flush()
         yield f
+
+
+def why_not_run(path, error):
+    """Why a script could not be started, naming its interpreter when that is missing:
+    execve says ENOENT alike for a missing script and a missing #! interpreter."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return error.strerror
+    if isinstance(error, FileNotFoundError) and first.startswith(b"#!"):
+        # As the kernel reads it: after "#!" and blanks, up to a blank or the newline.
+        word = re.split(rb"[ \t]", first[2:].rstrip(b"\n").lstrip(b" \t"), maxsplit=1)[0]
+        interpreter = printable(os.fsdecode(word))
+        hint = " (a Windows line ending on the #! line?)" if interpreter.endswith("\r") else ""
+        return f"its interpreter {interpreter!r} (from its #! line) was not found{hint}"
+    if error.errno == errno.ENOEXEC:
+        return f"{error.strerror} (a #! line is missing?)"
+    return error.strerror
 
 
 def signal_group(pgid, signum):
@@ -1350,6 +1389,27 @@ def check_params(params):
             abort(400, f"Parameter {key!r} is longer than {MAX_VALUE_BYTES} bytes.")
 
 
+def host_name(value):
+    """The name in a Host header (or an --allow-host), lowercase, without its port."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:5800
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_loopback_name(name):
+    """Whether a Host name can only mean this machine: localhost, *.localhost
+    (RFC 6761), 127.0.0.0/8 or ::1."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def same_secret(given, expected):
     """Compare secrets in constant time."""
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -1399,11 +1459,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if self.request_version == "HTTP/0.9":
                     self.request_version = "HTTP/1.0"  # so that a status line is sent
                     abort(400, "HTTP/0.9 is not supported.")
-                if self.headers.defects:
+                if any(isinstance(d, HEADER_LINE_DEFECTS) for d in self.headers.defects):
                     # The standard library drops a line it cannot parse and every header
                     # after it, a Content-Length too: whatever follows is not to be trusted.
                     self.close_connection = True
                     abort(400, "Malformed header line.")
+                self._refuse_browser_attacks()
+                self._refuse_multipart()
                 url = urllib.parse.urlsplit(self.path)
                 method = "GET" if self.command == "HEAD" else self.command
                 self.needs_signature = self._authorize(url.path, method)
@@ -1496,6 +1558,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- authorization --
 
+    def _refuse_browser_attacks(self):
+        """403 for what a web page could make a browser send: a Host that is not this
+        daemon's (DNS rebinding), or a cross-site POST or DELETE (request forgery)."""
+        hosts = self.headers.get_all("Host", [])
+        if len(hosts) > 1:
+            abort(400, "More than one Host header.")  # RFC 9112 section 3.2
+        name = host_name(hosts[0]) if hosts else ""
+        if name and not (is_loopback_name(name) or name in self.server.allowed_hosts):
+            abort(403, f"Host {name!r} is not this daemon's name (DNS rebinding?); if it is, "
+                       f"start Task Train with --allow-host {name}.")
+        if self.command in ("GET", "HEAD", "OPTIONS"):
+            return
+        fetch_site = self.headers.get("Sec-Fetch-Site")
+        origin = self.headers.get("Origin")
+        if fetch_site is not None:
+            cross_site = fetch_site.strip().lower() not in SAME_SITE_FETCHES
+        else:  # an older browser: its Origin must name the host it talks to
+            cross_site = origin is not None and (
+                urllib.parse.urlsplit(origin.strip()).netloc.lower()
+                != (hosts[0].strip().lower() if hosts else ""))
+        if cross_site:
+            abort(403, "Cross-site request refused: another web site's page may not "
+                       "submit or cancel tasks.")
+
+    def _refuse_multipart(self):
+        """415 for a multipart body (curl -F): its parts would reach the scripts as one
+        opaque blob."""
+        content_type = self.headers.get("Content-Type", "").strip().lower()
+        if content_type.startswith("multipart/"):
+            abort(415, f"A multipart body is not accepted: send {FORM_TYPE} (curl "
+                       "--data-urlencode) or a raw body such as application/json.")
+
     def _authorize(self, path, method):
         """401 unless the request carries what --token and --secret ask for; True if
         it still has to show a webhook signature, checked once the body is read."""
@@ -1508,7 +1602,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return False
             if self.headers.get("X-Hub-Signature-256") or self.headers.get("X-Gitea-Signature"):
                 return True
-            unauthorized("Missing webhook signature.")
+            unauthorized("Bad X-Gitlab-Token." if gitlab is not None
+                         else "Missing webhook signature.")
         if token:
             unauthorized()
         return False
@@ -1686,6 +1781,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("X-Req-Count", str(self.request_no))
+        self.send_header("Vary", "Accept")  # every answer, errors too, can be JSON
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         if self.close_connection:
@@ -1780,7 +1876,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
     # The default backlog of 5 drops connections when many clients submit at once.
     request_queue_size = 128
 
-    def __init__(self, address, store, runner, token=None, secret=None):
+    def __init__(self, address, store, runner, token=None, secret=None, allowed_hosts=()):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
@@ -1789,6 +1885,8 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.shown_scripts_dir = runner.shown_scripts_dir
         self.token = token
         self.secret = secret
+        # Host names besides loopback ones that reach this daemon: --host, --allow-host.
+        self.allowed_hosts = frozenset(host_name(h) for h in (address[0], *allowed_hosts))
         self.request_counter = itertools.count(1)
         # Set once the runner has stopped: follow streams then send what is left of
         # their log, and end the answer properly instead of being cut off at exit.
@@ -1850,6 +1948,9 @@ def parse_args(argv):
     parser.add_argument("--secret", default=os.environ.get("TASKTRAIN_SECRET"),
                         help="webhook secret: GitHub/Gitea signatures, GitLab token "
                              "(env TASKTRAIN_SECRET)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host name the daemon answers besides loopback ones and "
+                             "--host, such as a reverse proxy's (repeatable)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without --token")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -1925,7 +2026,8 @@ def main(argv=None):
         return 1
     runner = Runner(store, scripts_dir, shown_scripts_dir, args.timeout, args.grace)
     try:
-        server = TaskTrainServer((args.host, args.port), store, runner, args.token, args.secret)
+        server = TaskTrainServer((args.host, args.port), store, runner, args.token, args.secret,
+                                 args.allow_host)
     except OSError as e:
         log.error("cannot listen on %s port %d: %s", args.host, args.port, e.strerror)
         return 1
@@ -1940,6 +2042,10 @@ def main(argv=None):
     log.info("version %s; scripts go in %s/NAME/ (one folder per task name); state in %s",
              __version__, scripts_dir, state_dir)
     log.info("%d task(s) pending", pending)
+    if args.secret and not args.token:
+        log.warning("--secret without --token: submissions must be signed, but reads and "
+                    "cancels (GET /tasks..., DELETE /tasks/ID) are open to whoever reaches "
+                    "port %d; set --token to guard them too", port)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"Server running at http://{shown_host}:{port}", flush=True)
 

@@ -1325,8 +1325,8 @@ def test_secrets_never_appear_in_logs_records_or_pages(tmp_path, daemons):
 
 def test_body_over_1_mib_is_413_before_it_is_read(idle_daemon):
     start = time.monotonic()
-    answer = raw_exchange(idle_daemon.port, b"POST /task?name=example HTTP/1.1\r\nHost: x\r\n"
-                                       b"Content-Type: application/json\r\n"
+    answer = raw_exchange(idle_daemon.port, b"POST /task?name=example HTTP/1.1\r\n"
+                                       b"Host: localhost\r\nContent-Type: application/json\r\n"
                                        b"Content-Length: 2000000\r\n\r\n{")
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert time.monotonic() - start < 2
@@ -1337,8 +1337,8 @@ def test_expect_100_continue_is_answered_at_once(tmp_path, daemons):
     add_script(tmp_path, "hook", "run", "cat\n")
     d = daemons()
     with socket.create_connection(("127.0.0.1", d.port), timeout=DEADLINE_S) as s:
-        s.sendall(b"POST /task?name=hook HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-                  b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        s.sendall(b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: text/plain\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         s.settimeout(0.5)  # curl waits a second before sending the body anyway
         assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
         s.settimeout(DEADLINE_S)
@@ -1356,7 +1356,7 @@ def test_a_body_that_will_be_refused_is_refused_before_100_continue(tmp_path, da
                                                                    options, headers, status):
     add_script(tmp_path, "hook", "run", "cat\n")
     d = daemons(*options)
-    answer = raw_exchange(d.port, b"POST /task?name=hook HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_exchange(d.port, b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\n"
                           b"Content-Type: text/plain\r\nExpect: 100-continue\r\n" + headers +
                           b"\r\n")
     assert answer.startswith(b"HTTP/1.1 " + status + b" ")
@@ -1415,7 +1415,7 @@ def test_clients_that_hang_up_early_leave_no_traceback_in_the_log(daemon):
     for path in ("/", "/tasks?format=text", "/tasks/0123456789abc"):
         with socket.create_connection(("127.0.0.1", daemon.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     assert daemon.get("/").status == 200
     daemon.stop()
     assert "Traceback" not in daemon.stderr() and "Exception" not in daemon.stderr()
@@ -1445,3 +1445,121 @@ def test_nothing_of_a_keep_alive_requests_headers_reaches_the_next(idle_daemon):
     first, second = answer.split(b"HTTP/1.1 ")[1:]
     assert first.startswith(b"404") and b'{"error": "Not found"}' in first
     assert second.startswith(b"414") and b"text/plain" in second and b"{" not in second
+
+
+# ----------------------------------------------------------------------------
+# §10 Boundaries a deploy daemon must hold
+# ----------------------------------------------------------------------------
+
+OWN = "127.0.0.1:{port}"  # the Host header http.client sends, and so the daemon's own origin
+
+
+@pytest.mark.parametrize("method, path, headers, status", [
+    ("POST", "/task?name=x!", {"Sec-Fetch-Site": "cross-site"}, 403),
+    ("POST", "/task?name=x!", {"Sec-Fetch-Site": "same-site"}, 403),
+    ("POST", "/task?name=x!", {"Sec-Fetch-Site": "same-origin"}, 400),
+    ("POST", "/task?name=x!", {"Sec-Fetch-Site": "none"}, 400),  # typed by the user
+    ("POST", "/task?name=x!", {"Origin": "http://evil.example"}, 403),
+    ("POST", "/task?name=x!", {"Origin": "null"}, 403),  # a sandboxed frame, a file:// page
+    ("POST", "/task?name=x!", {"Origin": "http://" + OWN}, 400),  # an older browser
+    # Behind a TLS proxy the Origin is https://; Fetch Metadata decides where it is sent.
+    ("POST", "/task?name=x!", {"Sec-Fetch-Site": "same-origin",
+                               "Origin": "https://example.com"}, 400),
+    ("DELETE", "/tasks/0123456789abc", {"Sec-Fetch-Site": "cross-site"}, 403),
+    ("DELETE", "/tasks/0123456789abc", {"Origin": "http://evil.example"}, 403),
+    ("DELETE", "/tasks/0123456789abc", {"Sec-Fetch-Site": "same-origin",  # the own page's
+                                        "Origin": "http://" + OWN}, 404),  # Cancel button
+    ("GET", "/tasks/0123456789abc", {"Sec-Fetch-Site": "cross-site"}, 404),  # a link
+])
+def test_a_cross_site_post_or_delete_from_a_browser_is_403(idle_daemon, method, path,
+                                                           headers, status):
+    headers = {k: v.format(port=idle_daemon.port) for k, v in headers.items()}
+    resp = idle_daemon.request(method, path, headers=headers)
+    assert resp.status == status, resp.text
+    if status == 403:
+        assert resp.text.startswith("Cross-site request refused") and resp.text.count("\n") == 1
+
+
+def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemons):
+    d = daemons("--allow-host", "tasks.example.com", "--allow-host", "Other.Example")
+    for host, status in [
+            ("evil.example", 403), ("evil.example:5800", 403), ("127.0.0.1.nip.io", 403),
+            ("localhost", 200), ("LocalHost.:5800", 200), ("app.localhost", 200),
+            ("127.0.0.2", 200), ("[::1]:5800", 200), ("", 200),
+            ("tasks.example.com", 200), ("Tasks.Example.COM:443", 200), ("other.example", 200)]:
+        resp = d.get("/tasks?format=json", headers={"Host": host})
+        assert resp.status == status, (host, resp.text)
+        if status == 403:
+            assert resp.text.count("\n") == 1 and "--allow-host" in resp.text
+    http10 = raw_exchange(d.port, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all
+    assert http10.startswith(b"HTTP/1.1 200 ")
+    twice = raw_exchange(d.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
+                                 b"\r\n")
+    assert twice.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("method, content_type", [
+    ("POST", "multipart/form-data; boundary=------------------------d74496d66958873e"),
+    ("POST", "Multipart/Mixed; boundary=x"),
+    ("GET", "multipart/form-data"),
+])
+def test_a_multipart_body_is_415_naming_the_accepted_types(idle_daemon, method, content_type):
+    body = (b"--------------------------d74496d66958873e\r\n"
+            b'Content-Disposition: form-data; name="branch"\r\n\r\nmain\r\n'
+            b"--------------------------d74496d66958873e--\r\n")
+    resp = idle_daemon.request(method, "/task?name=example" if method == "POST" else "/",
+                               body=body, headers={"Content-Type": content_type})
+    assert resp.status == 415, resp.text
+    assert "application/x-www-form-urlencoded" in resp.text and resp.text.count("\n") == 1
+
+
+def test_editor_and_package_manager_leftovers_never_run(tmp_path, daemons):
+    leftovers = ("run~", "run.bak", "run.orig", "run.swp", "run.dpkg-old", "run.dpkg-dist",
+                 "run.rpmnew", "run.rpmsave")
+    for name in leftovers + ("run",):
+        add_script(tmp_path, "deploy", name, f'echo {name} >> "$GO.ran"\n')
+        if name != "run":
+            add_script(tmp_path, "stale", name, f'echo {name} >> "$GO.ran"\n')
+    d = daemons()
+    assert d.wait_status(d.submit("deploy"))["status"] == "complete"
+    assert (tmp_path / "go.ran").read_text() == "run\n"
+    assert "holds no executable script" in d.submit("stale", expect=404).text
+
+
+def test_secret_without_token_warns_that_reads_and_cancels_are_open(tmp_path, daemons):
+    open_reads = "reads and cancels (GET /tasks..., DELETE /tasks/ID) are open"
+    first = daemons("--secret", "hush")
+    assert open_reads in first.stderr()
+    first.stop()
+    (tmp_path / "daemon.stderr").unlink()
+    d = daemons("--secret", "hush", "--token", "tok")
+    assert open_reads not in d.stderr() and "hush" not in d.stderr()
+
+
+def test_every_answer_varies_with_accept(daemon):
+    task_id = daemon.submit("example")
+    for method, path in [("GET", "/"), ("GET", "/tasks"), ("GET", "/tasks?format=json"),
+                         ("GET", f"/tasks/{task_id}"), ("GET", f"/tasks/{task_id}/log"),
+                         ("GET", "/nowhere"), ("POST", "/task?name=x!"),
+                         ("DELETE", f"/tasks/{task_id}")]:
+        assert daemon.request(method, path).headers["Vary"] == "Accept", (method, path)
+
+
+def test_a_wrong_gitlab_token_is_bad_not_missing(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", "cat\n")
+    d = daemons("--secret", "hush")
+    wrong = d.request("POST", "/task?name=hook", headers={"X-Gitlab-Token": "nope"})
+    assert (wrong.status, wrong.text) == (401, "Bad X-Gitlab-Token.\n")
+    missing = d.request("POST", "/task?name=hook")
+    assert (missing.status, missing.text) == (401, "Missing webhook signature.\n")
+
+
+def test_a_missing_interpreter_is_named_in_the_log(tmp_path, daemons):
+    add_script(tmp_path, "nointerp", "run", "#!/nonexistent/python9 -u\necho hi\n")
+    add_script(tmp_path, "dosline", "run", "#!/bin/sh\r\necho hi\r\n")
+    d = daemons()
+    task = d.wait_status(d.submit("nointerp"))
+    assert (task["status"], task["exit_code"]) == ("failed", 127)
+    assert "its interpreter '/nonexistent/python9' (from its #! line) was not found" in (
+        task["output"])
+    assert "a Windows line ending" in d.wait_status(d.submit("dosline"))["output"]
