@@ -1448,6 +1448,76 @@ def test_nothing_of_a_keep_alive_requests_headers_reaches_the_next(idle_daemon):
 
 
 # ----------------------------------------------------------------------------
+# §8 Task settings
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, settings", [
+    (None, tasktrain.TaskSettings()),
+    ("", tasktrain.TaskSettings()),
+    ("# only a comment\n", tasktrain.TaskSettings()),
+    ("[task]\n", tasktrain.TaskSettings()),
+    ("[task]\nevents = push tag_push  # GitLab's names\n",
+     tasktrain.TaskSettings(events=frozenset({"push", "tag_push"}))),
+    ("[task]\nsupersede = ref branch ref\ntimeout = 90\n",
+     tasktrain.TaskSettings(supersede=("ref", "branch"), timeout_s=90.0)),
+    ("; no limit for this one\n[task]\nTimeout = 0\n", tasktrain.TaskSettings(timeout_s=0.0)),
+])
+def test_task_settings_are_read_and_default_where_absent(tmp_path, text, settings):
+    if text is not None:
+        (tmp_path / ".task.ini").write_text(text)
+    assert tasktrain.read_task_settings(str(tmp_path), "scripts.d/deploy") == settings
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("events = push\n", "line 1: expected the [task] line first, found 'events = push'."),
+    ("[task\n", "line 1: expected the [task] line first, found '[task'."),
+    ("[task]\npush\n", "line 2: not a 'key = value' line: 'push'."),
+    ("[task]\nevents = push\nevents = tag_push\n", "line 3: 'events' is set twice."),
+    ("[task]\n[task]\n", "line 2: [task] appears twice."),
+    ("[task]\nevent = push\n", "unknown key 'event' in [task]: the keys are events, supersede, "
+                               "timeout."),
+    ("[deploy]\nevents = push\n", "unknown section [deploy]: the settings go in [task]."),
+    ("[task]\n[extra]\n", "unknown section [extra]: the settings go in [task]."),
+    ("[DEFAULT]\ntimeout = 5\n[task]\n", "unknown section [DEFAULT]: the settings go in [task]."),
+    ("[task]\nevents =\n", "events is empty: name lowercase events such as push or tag_push, "
+                           "or remove the line."),
+    ("[task]\nevents = Push Hook\n", "events: 'Push' will not do: name lowercase events such as "
+                                     "push or tag_push."),
+    ("[task]\nsupersede = --force\n", "supersede: '--force' will not do: name parameters or ref."),
+    ("[task]\ntimeout = soon\n", "timeout = 'soon' is not a number of seconds (0 or more)."),
+    ("[task]\ntimeout = -1\n", "timeout = '-1' is not a number of seconds (0 or more)."),
+    ("[task]\ntimeout = nan\n", "timeout = 'nan' is not a number of seconds (0 or more)."),
+    ("[task]\ntimeout = inf\n", "timeout = 'inf' is not a number of seconds (0 or more)."),
+    (b"[task]\nevents = \xff\n", "it is not UTF-8 text."),
+    (None, "cannot read it: Is a directory."),
+])
+def test_a_bad_settings_file_is_one_line_naming_the_file_and_the_problem(tmp_path, content,
+                                                                         problem):
+    path = tmp_path / ".task.ini"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(tasktrain.SettingsError) as refused:
+        tasktrain.read_task_settings(str(tmp_path), "scripts.d/deploy")
+    assert str(refused.value) == "scripts.d/deploy/.task.ini: " + problem
+
+
+def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", "exit 0\n")
+    settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
+    settings.write_text("[task]\nevnets = push\n")
+    d = daemons()
+    resp = d.request("POST", "/task?name=deploy")
+    assert (resp.status, resp.text) == (500, f"{d.scripts}/deploy/.task.ini: unknown key "
+                                             "'evnets' in [task]: the keys are events, "
+                                             "supersede, timeout.\n")
+    assert d.get("/tasks?format=json").json() == []
+    settings.write_text("[task]\nevents = push\n")  # read at every submission: fixed at once
+    d.submit("deploy")
+
+
+# ----------------------------------------------------------------------------
 # §10 Boundaries a deploy daemon must hold
 # ----------------------------------------------------------------------------
 
