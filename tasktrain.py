@@ -76,6 +76,7 @@ MAX_VALUE_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 MAX_PENDING = 10_000
 RETRY_AFTER_S = 30
+MAX_WAIT_S = 3600  # the longest `Prefer: wait=N` honoured
 IDLE_TIMEOUT_S = 30
 FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to record a task's end
@@ -104,6 +105,10 @@ LEFTOVER_PATTERNS = ("*~", "*.bak", "*.orig", "*.swp", "*.dpkg-*", "*.rpmnew", "
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json; charset=utf-8"
+# What a `Prefer: wait` answers for a task that has ended. 424 Failed Dependency (RFC
+# 4918): the answer depended on the task, and it failed. A 4xx, not a 5xx, because
+# `curl --retry` repeats a 5xx answer, and repeating a POST queues the task again.
+OUTCOME_STATUS = {"complete": 200, "failed": 424, "cancelled": 424}
 
 SETTINGS_FILE = ".task.ini"
 SETTINGS_KEYS = ("events", "supersede", "timeout")
@@ -842,10 +847,12 @@ class Runner:
             self._shutdown = ("failed", line)
             current = self._process
         self._shutting_down.set()
+        self.task_ended()  # waits for pending tasks end now; for the running one, once it has
         if current:
             self._begin_stop(current[1])
         self.handed_over.put(None)
         self._thread.join(self.grace_s + 10)
+        self.task_ended()
 
     def stop(self, task_id, status, line):
         """Stop a task the store has marked running: it ends with `status` and `line`."""
@@ -856,10 +863,25 @@ class Runner:
             self._begin_stop(current[1])
 
     def wait_finished(self, task_id, timeout_s):
-        """Wait until the task has finished; False if it has not within the timeout."""
+        """Wait until the task has finished, or will not in this daemon's life (it is
+        stopping); False if neither happened within the timeout."""
         with self._task_finished:
-            return self._task_finished.wait_for(
-                lambda: self.store.status(task_id) not in ("pending", "running"), timeout_s)
+            return self._task_finished.wait_for(lambda: self._wait_over(task_id), timeout_s)
+
+    def task_ended(self):
+        """Wake the waits of wait_finished: a task has ended, or the daemon stops."""
+        with self._task_finished:
+            self._task_finished.notify_all()
+
+    def _wait_over(self, task_id):
+        """Whether a wait for the task is over. At a stop, the running task is waited
+        for until it is recorded (failed, mostly): answering `running` would let a
+        client take a stopped deploy for one still under way."""
+        status = self.store.status(task_id)
+        if status not in ("pending", "running"):
+            return True
+        stopping = self._shutting_down.is_set()
+        return stopping and (status == "pending" or not self._thread.is_alive())
 
     # -- stopping a task's scripts --
 
@@ -937,8 +959,7 @@ class Runner:
                 log.warning("task %s (%s) %s, exit code %s",
                             task.id, task.name, outcome.status, outcome.exit_code)
             claim = self._record_finish(task.id, outcome)
-            with self._task_finished:
-                self._task_finished.notify_all()
+            self.task_ended()
 
     def _record_finish(self, task_id, outcome):
         """Record how a task ended, and claim the next in the same commit and fsync;
@@ -1410,6 +1431,21 @@ def is_loopback_name(name):
         return False
 
 
+def preferred_wait(prefer_headers):
+    """N of the first `wait` preference (RFC 7240: later ones do not count), at most
+    MAX_WAIT_S; None if there is none or it is not a non-negative integer."""
+    for header in prefer_headers:
+        for preference in header.split(","):
+            token, _, value = preference.split(";")[0].partition("=")
+            if token.strip().lower() == "wait":
+                digits = value.strip().strip('"')
+                if not (digits.isascii() and digits.isdigit()):
+                    return None
+                # Cut before int(): Python 3.11 refuses to convert over 4300 digits.
+                return min(int(digits.lstrip("0")[:5] or "0"), MAX_WAIT_S)
+    return None
+
+
 def same_secret(given, expected):
     """Compare secrets in constant time."""
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -1431,7 +1467,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/"), {"GET": "home"}),
         (re.compile(r"/task"), {"POST": "submit"}),
         (re.compile(r"/tasks"), {"GET": "list_tasks"}),
-        (re.compile(rf"/tasks/({ID_RE})"), {"GET": "show_task", "DELETE": "cancel_task"}),
+        (re.compile(rf"/tasks/({ID_RE})"), {"GET": "get_task", "DELETE": "cancel_task"}),
         (re.compile(rf"/tasks/({ID_RE})/log"), {"GET": "show_log"}),
     )
 
@@ -1551,6 +1587,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if fmt in ("json", "html", "text"):
                 return kind == fmt
         return kind == "html" and "text/html" in accept
+
+    def _preferred_wait(self):
+        """N of `Prefer: wait=N` (RFC 7240), at most MAX_WAIT_S; None if not asked."""
+        return preferred_wait(self.headers.get_all("Prefer", []))
 
     def _query_flag(self, key):
         """Whether a query parameter is set to something other than 0."""
@@ -1677,6 +1717,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content_type = TEXT
             record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
         synced()  # a 2xx promises the task is on disk
+        wait_s = self._preferred_wait()
+        if wait_s is not None:
+            self._show_outcome(task.id, wait_s, {"Location": "tasks/" + task.id})
+            return
         self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
@@ -1691,25 +1735,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
             page = render_list_html(tasks, store.pending_count(), store.busy())
             self._send(200, HTML, page.encode())
 
-    def show_task(self, task_id):
-        """GET /tasks/ID: the record, as text, JSON or a live HTML page."""
+    def get_task(self, task_id):
+        """GET /tasks/ID: the record; with `Prefer: wait=N`, once the task has ended."""
+        wait_s = self._preferred_wait()
+        if wait_s is None:
+            self.show_task(task_id)
+        else:
+            self._show_outcome(self._task(task_id).id, wait_s)
+
+    def show_task(self, task_id, status=200, headers=None):
+        """The record, as text, JSON or a live HTML page."""
         task = self._task(task_id)
         shown = self.server.shown_scripts_dir
         if self._wants("json"):
             fields = task_fields(task, shown, self.server.store.position(task_id))
             with self._open_log(task_id) as f:
-                self._send_chunks(200, JSON, render_task_json(fields, f))
+                self._send_chunks(status, JSON, render_task_json(fields, f), headers=headers)
         elif self._wants("html"):
             with self._open_log(task_id) as f:
                 size = os.fstat(f.fileno()).st_size
                 f.seek(max(0, size - HTML_TAIL_BYTES))
                 tail = f.read(HTML_TAIL_BYTES)
             page = render_task_html(task, shown, tail, truncated=size > HTML_TAIL_BYTES)
-            self._send(200, HTML, page.encode())
+            self._send(status, HTML, page.encode(), headers)
         else:
             head = render_record_head(task, shown).encode()
             with self._open_log(task_id) as f:
-                self._send_file(200, TEXT, f, head, b"\n")
+                self._send_file(status, TEXT, f, head, b"\n", headers)
+
+    def _show_outcome(self, task_id, wait_s, headers=None):
+        """The record once the task has ended, or `wait_s` has passed, or the daemon
+        stops: 200 complete, 424 failed or cancelled, 202 not ended yet."""
+        self.server.runner.wait_finished(task_id, wait_s)
+        status = OUTCOME_STATUS.get(self.server.store.status(task_id), 202)
+        self.show_task(task_id, status, {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
 
     def show_log(self, task_id):
         """GET /tasks/ID/log: the raw output; ?follow=1 streams it to the task's end."""
@@ -1752,6 +1811,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 runner.wait_finished(task_id, runner.grace_s + 5)
                 status = store.status(task_id)
             if status == "cancelled":  # by this request, or one racing with it
+                runner.task_ended()  # for the waits of a task that was pending
                 return self.show_task(task_id)
         if status in FINISHED:  # also one whose last script exited before the stop came
             abort(409, f"Task {task_id} has already finished ({status}).")
@@ -1795,10 +1855,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_file(self, status, content_type, f, head=b"", tail=b""):
+    def _send_file(self, status, content_type, f, head=b"", tail=b"", headers=None):
         """Send a file's bytes as they are now, from disk, between head and tail."""
         size = os.fstat(f.fileno()).st_size
-        self._start(status, content_type, None)
+        self._start(status, content_type, headers)
         self.send_header("Content-Length", str(len(head) + size + len(tail)))
         self.end_headers()
         if self.command == "HEAD":
@@ -1812,7 +1872,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             size -= len(chunk)
         self.wfile.write(tail)
 
-    def _send_chunks(self, status, content_type, chunks, live=False):
+    def _send_chunks(self, status, content_type, chunks, live=False, headers=None):
         """Send a body of unknown length: chunked, or closed at its end for HTTP/1.0.
 
         `live` sends each chunk as it comes; otherwise the write buffer gathers them.
@@ -1820,7 +1880,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
             self.close_connection = True
-        self._start(status, content_type, {"Transfer-Encoding": "chunked"} if chunked else None)
+        headers = {**(headers or {}), **({"Transfer-Encoding": "chunked"} if chunked else {})}
+        self._start(status, content_type, headers)
         self.end_headers()
         self.wfile.flush()  # a follower sees the answer start before the output does
         if self.command == "HEAD":

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import itertools
 import json
 import os
 import re
@@ -1515,6 +1516,123 @@ def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     assert d.get("/tasks?format=json").json() == []
     settings.write_text("[task]\nevents = push\n")  # read at every submission: fixed at once
     d.submit("deploy")
+
+
+# ----------------------------------------------------------------------------
+# §9 Waiting for the outcome, and the command-line client
+# ----------------------------------------------------------------------------
+
+def waiting(d, method, path, seconds, headers=None):
+    """Send a request with `Prefer: wait=seconds`; returns (Response, seconds taken)."""
+    started = time.monotonic()
+    resp = d.request(method, path, headers={"Prefer": f"wait={seconds}", **(headers or {})})
+    return resp, time.monotonic() - started
+
+
+def start_requests(d, threads):
+    """Start threads that send one request each; return once the daemon has taken
+    them all in (X-Req-Count numbers every request it reads)."""
+    before = int(d.get("/").headers["X-Req-Count"])
+    for thread in threads:
+        thread.start()
+    polls = itertools.count(1)
+    wait_for(lambda: int(d.get("/").headers["X-Req-Count"]) - next(polls) - before
+             >= len(threads), message="the requests never reached the daemon")
+
+
+def test_prefer_wait_answers_once_the_task_has_ended(tmp_path, daemons):
+    add_script(tmp_path, "good", "run", "sleep 0.2; echo done\n")
+    add_script(tmp_path, "bad", "run", "echo broken; exit 3\n")
+    d = daemons()
+    resp, _ = waiting(d, "POST", "/task?name=good", 30)
+    record = record_fields(resp.text)
+    assert resp.status == 200 and record["STATUS"] == "complete"
+    assert "done\nexit code: 0" in record["RESULTS"]
+    assert resp.headers["Preference-Applied"] == "wait=30"
+    assert resp.headers["Location"] == "tasks/" + record["ID"]
+    resp, _ = waiting(d, "POST", "/task?name=bad", 30, {"Accept": "application/json"})
+    assert resp.status == 424 and resp.json()["status"] == "failed"
+    assert "broken" in resp.json()["output"]
+    resp, _ = waiting(d, "GET", "/tasks/" + resp.json()["id"], 30)
+    assert resp.status == 424 and record_fields(resp.text)["STATUS"] == "failed"
+    assert waiting(d, "GET", "/tasks/" + record["ID"], 0)[0].status == 200
+    assert waiting(d, "GET", "/tasks/0123456789abc", 5)[0].status == 404
+
+
+def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", "echo started\n" + UNTIL_GO)
+    d = daemons()
+    resp, _ = waiting(d, "POST", "/task?name=block", 0)
+    task_id = record_fields(resp.text)["ID"]
+    assert resp.status == 202 and resp.headers["Preference-Applied"] == "wait=0"
+    wait_for(lambda: "started" in d.log(task_id))
+    resp, took = waiting(d, "GET", f"/tasks/{task_id}", 1)
+    assert resp.status == 202 and 1 <= took < 5
+    assert record_fields(resp.text)["STATUS"] == "running" and "started" in resp.text
+    (tmp_path / "go").touch()
+    assert waiting(d, "GET", f"/tasks/{task_id}", 30)[0].status == 200
+
+
+def test_a_cancel_ends_the_waits_for_a_pending_task(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons()
+    d.submit("block")
+    pending = d.submit("block", n="2")
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(
+        waiting(d, "GET", f"/tasks/{pending}", 60)))
+    start_requests(d, [waiter])
+    assert d.request("DELETE", f"/tasks/{pending}").status == 200
+    waiter.join(DEADLINE_S)
+    (resp, took), = answers
+    assert resp.status == 424 and record_fields(resp.text)["STATUS"] == "cancelled" and took < 5
+
+
+def test_a_stop_ends_every_wait_with_the_record_as_it_is(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", "echo started; sleep 30\n")
+    d = daemons("--grace", "5")
+    running, pending = d.submit("slow"), d.submit("slow", n="2")
+    wait_for(lambda: "started" in d.log(running))
+    answers = {}
+    waiters = [threading.Thread(target=lambda i=i: answers.update(
+        {i: waiting(d, "GET", f"/tasks/{i}", 600)})) for i in (running, pending)]
+    start_requests(d, waiters)
+    assert d.signal(signal.SIGTERM) == 0
+    for waiter in waiters:
+        waiter.join(DEADLINE_S)
+    assert answers[running][0].status == 424
+    assert record_fields(answers[running][0].text)["STATUS"] == "failed"
+    assert "Task Train was stopped" in answers[running][0].text
+    assert answers[pending][0].status == 202
+    assert record_fields(answers[pending][0].text)["STATUS"] == "pending"
+
+
+@pytest.mark.parametrize("headers, expected", [
+    (["wait=5"], 5),
+    (["WAIT = 5"], 5),
+    (['wait="7"'], 7),
+    (["respond-async, wait=10"], 10),
+    (["handling=lenient", "wait=2; foo=bar"], 2),
+    (["wait=0"], 0),
+    (["wait=0007"], 7),
+    (["wait=86400"], 3600),
+    (["wait=" + "9" * 5000], 3600),
+    (["wait=3, wait=9"], 3),      # RFC 7240: only the first instance counts
+    (["wait=-1"], None),
+    (["wait=1.5"], None),
+    (["wait=soon"], None),
+    (["wait=", "wait=4"], None),
+    (["wait=\u0663"], None),     # an Arabic-Indic three: a digit to Python, not to HTTP
+    (["respond-async"], None),
+    ([], None),
+])
+def test_unknown_prefer_tokens_and_bad_waits_are_ignored(headers, expected):
+    assert tasktrain.preferred_wait(headers) == expected
+
+
+def test_a_wait_that_is_not_a_number_answers_as_without_it(daemon):
+    resp = daemon.request("POST", "/task?name=example", headers={"Prefer": "wait=soon"})
+    assert resp.status == 201 and "Preference-Applied" not in resp.headers
 
 
 # ----------------------------------------------------------------------------
