@@ -36,6 +36,7 @@ import functools
 import hashlib
 import hmac
 import html
+import http.client
 import http.server
 import ipaddress
 import itertools
@@ -2060,8 +2061,243 @@ def catch_stop_signals():
     return reader, writer  # the writer must stay open as long as the handlers are set
 
 
+# The client's exit statuses: what a hook or a CI step acts on.
+EXIT_COMPLETE, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+CLIENT_COMMANDS = ("submit", "status", "log", "cancel", "list")
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+CONNECT_TIMEOUT_S = 10
+ANSWER_TIMEOUT_S = 60  # for answers that do not wait for a task
+
+
+class Unreachable(Exception):
+    """The daemon cannot be reached, or broke off its answer."""
+
+
+class Refused(Exception):
+    """The daemon refused the request; str() is its one-line reason."""
+
+
+class Client:
+    """A running daemon's API, over http.client, for the command line."""
+
+    def __init__(self, url, token=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be http://HOST[:PORT][/PREFIX], not {url!r}")
+        self.url = url
+        self.parts = parts
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+
+    def open(self, method, path, body=None, headers=None, waits=False):
+        """Send a request; returns the http.client response, its body not yet read.
+        `waits`: the answer may take as long as a task (a wait or a follow)."""
+        https = self.parts.scheme == "https"
+        connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        try:
+            port = self.parts.port
+            conn = connection(self.parts.hostname, port, timeout=CONNECT_TIMEOUT_S)
+            conn.connect()
+            conn.sock.settimeout(None if waits else ANSWER_TIMEOUT_S)
+            conn.request(method, self.prefix + path, body=body, headers=headers)
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise Unreachable(f"cannot reach Task Train at {self.url}: {e}") from None
+
+    def call(self, method, path, body=None, headers=None, waits=False):
+        """Send a request; returns (status, headers, body as text)."""
+        resp = self.open(method, path, body, headers, waits)
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(f"Task Train at {self.url} broke off its answer: {e}") from None
+        return resp.status, resp.headers, data.decode("utf-8", "replace")
+
+    def copy(self, path, out):
+        """Stream a path's answer (a log) to a binary file as it comes."""
+        resp = self.open("GET", path, waits=True)
+        if resp.status != 200:
+            raise Refused(resp.read().decode("utf-8", "replace").strip())
+        try:
+            for chunk in iter(functools.partial(resp.read1, COPY_CHUNK_BYTES), b""):
+                out.write(chunk)
+                out.flush()
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise Unreachable(f"Task Train at {self.url} broke off the log: {e}") from None
+
+    def outcome(self, task_id):
+        """The task's record once it has ended (waiting as long as it takes)."""
+        while True:
+            status, _, record = self.call(
+                "GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"}, waits=True)
+            if status == 404:
+                raise Refused(record.strip())
+            if status != 202:  # 202: not ended within the wait, or the daemon is stopping
+                return record
+
+
+def record_field(record, label):
+    """A field of a text record's head ('ID', 'STATUS', ...), or None."""
+    for line in record.split("\n", 6)[:6]:
+        if line.startswith(label + ":"):
+            return line[9:]
+    return None
+
+
+def record_status(record):
+    """The STATUS of a text record."""
+    return record_field(record, "STATUS")
+
+
+def outcome_exit(record):
+    """The exit status a task's end gives: 0 complete, 1 failed or cancelled."""
+    return EXIT_COMPLETE if record_status(record) == "complete" else EXIT_FAILED
+
+
+def key_value(text):
+    """An argparse type: KEY=VALUE as a (key, value) pair."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_client_args(argv):
+    """The client's command and options; argparse exits 2 on bad ones."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("TASKTRAIN_URL", DEFAULT_URL),
+                        help="the daemon (default: env TASKTRAIN_URL, else %(default)s); "
+                             "the token comes from env TASKTRAIN_TOKEN")
+    parser = argparse.ArgumentParser(
+        prog="tasktrain.py", description="A client for a running Task Train daemon. Exit "
+        "status: 0 complete (or accepted), 1 failed or cancelled, 2 usage error or "
+        "refused, 3 daemon unreachable.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    submit = commands.add_parser("submit", parents=[common], help="queue a task")
+    submit.add_argument("name", metavar="NAME")
+    submit.add_argument("params", metavar="KEY=VALUE", nargs="*", type=key_value)
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the task's output until it ends")
+    submit.add_argument("--wait", action="store_true", help="wait for the task to end")
+    status = commands.add_parser("status", parents=[common], help="show a task's record")
+    status.add_argument("task_id", metavar="ID")
+    status.add_argument("--wait", action="store_true", help="once the task has ended")
+    log_ = commands.add_parser("log", parents=[common], help="show a task's output")
+    log_.add_argument("task_id", metavar="ID")
+    log_.add_argument("--follow", action="store_true", help="until the task ends")
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a task")
+    cancel.add_argument("task_id", metavar="ID")
+    commands.add_parser("list", parents=[common], help="list the tasks, newest first")
+    args = parser.parse_args(argv)
+    if getattr(args, "task_id", None) is not None and not re.fullmatch(ID_RE, args.task_id):
+        parser.error(f"not a task id: {args.task_id!r} (13 hex digits)")
+    try:
+        args.client = Client(args.url, os.environ.get("TASKTRAIN_TOKEN"))
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def run_client(argv):
+    """Run one client command; returns its exit status."""
+    args = parse_client_args(argv)
+    try:
+        return CLIENT_RUNS[args.command](args.client, args)
+    except Refused as e:
+        print(f"tasktrain.py {args.command}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Unreachable as e:
+        print(f"tasktrain.py {args.command}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokenPipeError:  # `... | head` stopped reading
+        return EXIT_FAILED
+
+
+def client_submit(client, args):
+    """submit NAME [KEY=VALUE ...] [--follow] [--wait]"""
+    body = urllib.parse.urlencode([("name", args.name)] + args.params).encode()
+    headers = {"Content-Type": FORM_TYPE}
+    waits = args.wait and not args.follow
+    if waits:
+        headers["Prefer"] = f"wait={MAX_WAIT_S}"
+    status, answer_headers, record = client.call("POST", "/task", body, headers, waits)
+    waited = answer_headers.get("Preference-Applied") is not None
+    if status not in (200, 201) and not waited:
+        raise Refused(record.strip())
+    task_id = record_field(record, "ID")
+    if args.follow:
+        print(f"Task {task_id} queued." if status == 201 else
+              f"Task {task_id} was already queued (an identical one).", file=sys.stderr)
+        return follow_to_end(client, task_id)
+    if waits and status == 202:
+        record = client.outcome(task_id)
+    sys.stdout.write(record)
+    return outcome_exit(record) if args.wait else EXIT_COMPLETE
+
+
+def follow_to_end(client, task_id):
+    """Stream a task's output until it ends; its end decides the exit status."""
+    client.copy(f"/tasks/{task_id}/log?follow=1", sys.stdout.buffer)
+    status = record_status(client.outcome(task_id))
+    print(f"Task {task_id} {status}.", file=sys.stderr)
+    return EXIT_COMPLETE if status == "complete" else EXIT_FAILED
+
+
+def client_status(client, args):
+    """status ID [--wait]: 0 unless it failed or was cancelled."""
+    if args.wait:
+        record = client.outcome(args.task_id)
+    else:
+        status, _, record = client.call("GET", f"/tasks/{args.task_id}")
+        if status != 200:
+            raise Refused(record.strip())
+    sys.stdout.write(record)
+    return EXIT_FAILED if record_status(record) in ("failed", "cancelled") else EXIT_COMPLETE
+
+
+def client_log(client, args):
+    """log ID [--follow]"""
+    if args.follow:
+        return follow_to_end(client, args.task_id)
+    client.copy(f"/tasks/{args.task_id}/log", sys.stdout.buffer)
+    return EXIT_COMPLETE
+
+
+def client_cancel(client, args):
+    """cancel ID: 0 once cancelled; 2 if it had already finished."""
+    status, _, record = client.call("DELETE", f"/tasks/{args.task_id}", waits=True)
+    if status != 200:
+        raise Refused(record.strip())
+    sys.stdout.write(record)
+    return EXIT_COMPLETE
+
+
+def client_list(client, args):
+    """list: one line per task, newest first."""
+    status, _, answer = client.call("GET", "/tasks?format=json",
+                                    headers={"Accept": "application/json"})
+    if status != 200:
+        raise Refused(answer.strip())
+    for task in json.loads(answer):
+        params = json.dumps(task["params"], ensure_ascii=False, separators=(",", ":"))
+        print(f"{task['id']}  {task['status']:<9}  {task['created']}  {task['name']}  {params}")
+    return EXIT_COMPLETE
+
+
+CLIENT_RUNS = {"submit": client_submit, "status": client_status, "log": client_log,
+               "cancel": client_cancel, "list": client_list}
+
+
 def main(argv=None):
-    """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    """Run the daemon until SIGTERM or SIGINT, or a client command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return run_client(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s tasktrain: %(message)s")

@@ -9,6 +9,7 @@ it is long enough.
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1633,6 +1634,114 @@ def test_unknown_prefer_tokens_and_bad_waits_are_ignored(headers, expected):
 def test_a_wait_that_is_not_a_number_answers_as_without_it(daemon):
     resp = daemon.request("POST", "/task?name=example", headers={"Prefer": "wait=soon"})
     assert resp.status == 201 and "Preference-Applied" not in resp.headers
+
+
+@pytest.fixture(scope="module")
+def client_daemon(tmp_path_factory):
+    """One daemon for the client's table: `good` completes, `bad` fails."""
+    root = tmp_path_factory.mktemp("client")
+    add_script(root, "good", "run", 'echo "good ran $*"\n')
+    add_script(root, "bad", "run", "echo bad ran; exit 4\n")
+    d = Daemon(root)
+    yield d
+    d.stop()
+
+
+def client(d, command, *args, env=None):
+    """Run `tasktrain.py COMMAND --url URL ARGS` as a user does; returns the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k != "TASKTRAIN_TOKEN"} | (env or {})
+    return subprocess.run([sys.executable, TASKTRAIN, command,
+                           "--url", f"http://127.0.0.1:{d.port}", *args], env=env,
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+
+
+def closed_port():
+    """A loopback port that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, code, stdout, stderr", [
+    (["submit", "good", "k=v"], 0, "STATUS:  pending\n", ""),
+    (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", ""),
+    (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", ""),
+    (["submit", "good", "a=b c", "--follow"], 0, "good ran --name=good --a=b c\n", " complete."),
+    (["submit", "bad", "--follow"], 1, "bad ran\nexit code: 4\n", " failed."),
+    (["submit", "nosuch"], 2, "", "No task named 'nosuch'"),
+    (["submit", "good", "novalue"], 2, "", "expected KEY=VALUE, got 'novalue'"),
+    (["submit", "good", "--url", "DEAD"], 3, "", "cannot reach Task Train at http://127.0.0.1:"),
+])
+def test_client_exit_status_says_how_it_went(client_daemon, args, code, stdout, stderr):
+    args = [f"http://127.0.0.1:{closed_port()}" if a == "DEAD" else a for a in args]
+    done = client(client_daemon, *args)  # a --url in args comes last, and wins
+    assert done.returncode == code, done.stderr
+    assert stdout in done.stdout and stderr in done.stderr
+    if code in (2, 3) and "usage:" not in done.stderr:
+        assert done.stderr.count("\n") == 1 and done.stdout == ""  # one line says why
+
+
+def in_process(d, capfd, command, *args):
+    """Run a client command in this process (quicker than a subprocess); returns
+    (exit status, stdout, stderr)."""
+    try:
+        code = tasktrain.main([command, "--url", f"http://127.0.0.1:{d.port}", *args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["submit", "No Name"], "Bad or missing name parameter."),
+    (["submit", "good", "bad key=1"], "Bad parameter name 'bad key'"),
+    (["submit", "good", "=1"], "expected KEY=VALUE, got '=1'"),
+    (["status", "0123456789abc"], "Not found"),
+    (["log", "0123456789abc"], "Not found"),
+    (["cancel", "0123456789abc"], "Not found"),
+    (["status", "nothex"], "not a task id: 'nothex'"),
+    (["submit"], "required: NAME"),
+    (["list", "--url", "ftp://example.com"], "--url must be http://"),
+])
+def test_client_refusals_and_usage_errors_exit_2_saying_why(client_daemon, capfd, args, reason):
+    code, out, err = in_process(client_daemon, capfd, *args)
+    assert code == 2 and out == "" and reason in err
+    assert err.count("\n") == 1 or "usage:" in err
+
+
+def test_client_shows_lists_and_cancels_tasks(tmp_path, daemons, capfd):
+    add_script(tmp_path, "block", "run", "echo started\n" + UNTIL_GO)
+    d = daemons()
+    run = functools.partial(in_process, d, capfd)
+    running = record_fields(run("submit", "block")[1])["ID"]
+    pending = record_fields(run("submit", "block", "n=2")[1])["ID"]
+    wait_for(lambda: "started" in d.log(running))
+    code, listed, _ = run("list")
+    assert code == 0
+    assert [line.split()[:2] for line in listed.splitlines()] == [
+        [pending, "pending"], [running, "running"]]
+    assert listed.splitlines()[0].endswith('  block  {"n":"2"}')
+    assert run("status", running) == (0, d.get(f"/tasks/{running}").text, "")
+    code, out, _ = run("cancel", pending)
+    assert code == 0 and record_fields(out)["STATUS"] == "cancelled"
+    code, _, err = run("cancel", pending)
+    assert code == 2 and "already finished (cancelled)" in err
+    assert run("status", pending)[0] == 1
+    (tmp_path / "go").touch()
+    code, out, err = run("log", running, "--follow")
+    assert code == 0 and out == d.log(running) and err == f"Task {running} complete.\n"
+    assert run("status", running, "--wait")[0] == 0
+    assert run("log", pending) == (0, d.log(pending), "")
+
+
+def test_client_takes_the_token_from_the_environment(tmp_path, daemons, capfd, monkeypatch):
+    add_script(tmp_path, "good", "run", "exit 0\n")
+    d = daemons("--token", "s3cret")
+    monkeypatch.delenv("TASKTRAIN_TOKEN", raising=False)
+    code, _, err = in_process(d, capfd, "submit", "good")
+    assert code == 2 and "Authentication required." in err
+    monkeypatch.setenv("TASKTRAIN_TOKEN", "s3cret")
+    assert in_process(d, capfd, "submit", "good")[0] == 0
 
 
 # ----------------------------------------------------------------------------
