@@ -1989,7 +1989,9 @@ def parse_args(argv):
     """The options, checked; argparse exits 2 on bad ones."""
     parser = argparse.ArgumentParser(
         prog="tasktrain.py",
-        description="A sequential script runner with a teensy REST API.")
+        description="A sequential script runner with a teensy REST API.",
+        epilog="As a client of a running daemon: tasktrain.py {submit,status,log,cancel,list} "
+               "... (each with --help).")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -2167,33 +2169,38 @@ def key_value(text):
     return key, value
 
 
-def parse_client_args(argv):
-    """The client's command and options; argparse exits 2 on bad ones."""
+def client_parsers():
+    """One argparse parser per client command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("TASKTRAIN_URL", DEFAULT_URL),
                         help="the daemon (default: env TASKTRAIN_URL, else %(default)s); "
                              "the token comes from env TASKTRAIN_TOKEN")
-    parser = argparse.ArgumentParser(
-        prog="tasktrain.py", description="A client for a running Task Train daemon. Exit "
-        "status: 0 complete (or accepted), 1 failed or cancelled, 2 usage error or "
-        "refused, 3 daemon unreachable.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    submit = commands.add_parser("submit", parents=[common], help="queue a task")
+    parsers = {}
+    for command, summary in (("submit", "queue a task"), ("status", "show a task's record"),
+                             ("log", "show a task's output"), ("cancel", "cancel a task"),
+                             ("list", "list the tasks, newest first")):
+        parsers[command] = argparse.ArgumentParser(
+            prog="tasktrain.py " + command, parents=[common], description=summary + ". "
+            "Exit status: 0 complete (or done), 1 failed or cancelled, 2 usage error or "
+            "refused (the reason on stderr), 3 the daemon cannot be reached.")
+        if command in ("status", "log", "cancel"):
+            parsers[command].add_argument("task_id", metavar="ID")
+    submit = parsers["submit"]
     submit.add_argument("name", metavar="NAME")
     submit.add_argument("params", metavar="KEY=VALUE", nargs="*", type=key_value)
     submit.add_argument("--follow", action="store_true",
                         help="stream the task's output until it ends")
     submit.add_argument("--wait", action="store_true", help="wait for the task to end")
-    status = commands.add_parser("status", parents=[common], help="show a task's record")
-    status.add_argument("task_id", metavar="ID")
-    status.add_argument("--wait", action="store_true", help="once the task has ended")
-    log_ = commands.add_parser("log", parents=[common], help="show a task's output")
-    log_.add_argument("task_id", metavar="ID")
-    log_.add_argument("--follow", action="store_true", help="until the task ends")
-    cancel = commands.add_parser("cancel", parents=[common], help="cancel a task")
-    cancel.add_argument("task_id", metavar="ID")
-    commands.add_parser("list", parents=[common], help="list the tasks, newest first")
-    args = parser.parse_args(argv)
+    parsers["status"].add_argument("--wait", action="store_true", help="once the task has ended")
+    parsers["log"].add_argument("--follow", action="store_true", help="until the task ends")
+    return parsers
+
+
+def parse_client_args(argv):
+    """The client's command and options; argparse exits 2 on bad ones."""
+    parser = client_parsers()[argv[0]]
+    args = parser.parse_intermixed_args(argv[1:])  # KEY=VALUE may follow --follow
+    args.command = argv[0]
     if getattr(args, "task_id", None) is not None and not re.fullmatch(ID_RE, args.task_id):
         parser.error(f"not a task id: {args.task_id!r} (13 hex digits)")
     try:

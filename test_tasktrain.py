@@ -1667,7 +1667,7 @@ def closed_port():
     (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", ""),
     (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", ""),
     (["submit", "good", "a=b c", "--follow"], 0, "good ran --name=good --a=b c\n", " complete."),
-    (["submit", "bad", "--follow"], 1, "bad ran\nexit code: 4\n", " failed."),
+    (["submit", "--follow", "bad", "x=1"], 1, "bad ran\nexit code: 4\n", " failed."),
     (["submit", "nosuch"], 2, "", "No task named 'nosuch'"),
     (["submit", "good", "novalue"], 2, "", "expected KEY=VALUE, got 'novalue'"),
     (["submit", "good", "--url", "DEAD"], 3, "", "cannot reach Task Train at http://127.0.0.1:"),
