@@ -84,7 +84,12 @@ STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to recor
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
+LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
 LIST_REFRESH_S = 3
+LIST_PAGE_TASKS = 100
+MAX_LIST_PAGE_TASKS = 1000
+LIST_PARAMS_CHARS = 200  # of params in a row of the list; its tooltip has up to...
+LIST_PARAMS_TOOLTIP_CHARS = 2000
 
 # fdatasync skips the inode's times, as SQLite does; macOS has only fsync.
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
@@ -623,19 +628,14 @@ class TaskStore:
             row = self._row(task_id, "status")
         return row[0] if row else None
 
-    def newest_first(self, page_size=500):
-        """Every kept task, newest first, without bodies, read a page at a time so that
-        neither the lock nor the memory is held for the whole list."""
-        before = "g"  # sorts after every id
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT {COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?",
-                    (before, page_size)).fetchall()
-            if not rows:
-                return
-            yield from map(task_from_row, rows)
-            before = rows[-1][0]
+    def newest_page(self, before=None, limit=LIST_PAGE_TASKS):
+        """Up to `limit` tasks older than task `before` (or the newest), newest first,
+        without bodies; and whether there are older ones."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (before or "g", limit + 1)).fetchall()  # "g" sorts after every id
+        return [task_from_row(row) for row in rows[:limit]], len(rows) > limit
 
     def busy(self):
         """Whether any task is pending or running."""
@@ -1275,9 +1275,21 @@ def render_records(tasks, shown_scripts_dir, log_path):
         yield b"\n\n"
 
 
-PAGE_CSS = ("body { font-family: sans-serif; } div { padding: 0 .5em; } "
-            ".complete, .cancelled { color: gray; } .running { background: yellow; } "
-            ".failed { color: #8B0000; } pre { white-space: pre-wrap; }")
+PAGE_CSS = """
+body { font-family: sans-serif; font-size: 15px; margin: .8em; }
+h1 { font-size: 1.4em; margin: 0 0 .3em; } h2 { font-size: 1.1em; margin: 1em 0 .3em; }
+table { border-collapse: collapse; } tr + tr { border-top: 1px solid #ddd; }
+th, td { padding: .1em .6em; text-align: left; vertical-align: top; white-space: nowrap; }
+th { font-weight: normal; color: #555; } .status { font-weight: bold; }
+td.params { max-width: 32em; overflow: hidden; text-overflow: ellipsis; }
+code { overflow-wrap: anywhere; } button { font-size: .85em; padding: 0 .5em; }
+.pending { color: #1f4e9c; } .running { background: yellow; } .complete { color: gray; }
+.failed { color: #8B0000; } .cancelled { color: #b35900; }
+#output { font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
+.skipped { color: gray; font-style: italic; }
+"""
+LIST_HEADINGS = "".join(f"<th>{heading}</th>" for heading in (
+    "ID", "Name", "Params", "Status", "Created", "Duration", "Exit code", ""))
 
 
 def render_page(title, body, refresh_s=None):
@@ -1288,63 +1300,229 @@ def render_page(title, body, refresh_s=None):
             f"<body>{body}</body></html>\n")
 
 
-def render_task_div(task, link):
-    """One task as the original's <div class="STATUS"> block."""
-    e = html.escape  # for what came from a user; ids and statuses are the daemon's
-    task_id = f'<a href="{link}">{task.id}</a>' if link else task.id
-    return (f'<div class="{task.status}">\n'
-            f"<p>ID: {task_id}<br />\n"
-            f"Name: {e(task.name)}<br />\n"
-            f"Params: {e(php_json(task.params_json))}<br />\n"
-            f"Status: {task.status}<br />\n"
-            f"Date: {rfc2822(task.created_us)}</p>\n"
-            "</div>")
+def local_time(us):
+    """A moment as a short date and time in the server's time zone."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(us // 1_000_000))
 
 
-def render_list_html(tasks, pending, busy):
-    """The /tasks page: the original's list, newest first; it refreshes while work is left."""
-    body = [f"<p>{pending} pending task(s).</p>"]
-    body += [render_task_div(t, "tasks/" + t.id) for t in tasks]
-    return render_page("Task Train", "\n".join(body), LIST_REFRESH_S if busy else None)
+def render_duration(seconds):
+    """A duration as a person reads it: 4 ms, 4.2 s, 12 s, 3 min 05 s, 2 h 03 min."""
+    if seconds < 10:
+        return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 3600:
+        return "%d min %02d s" % divmod(whole, 60) if whole >= 60 else f"{whole} s"
+    return "%d h %02d min" % (whole // 3600, whole % 3600 // 60)
 
+
+def render_elapsed(task, now, position):
+    """How long the task ran or has been running, or where it waits in the queue."""
+    if task.status == "pending":
+        return {None: "waiting", 1: "next to run"}.get(position, f"waiting, #{position}")
+    if task.started_us is None:
+        return "never ran"
+    seconds = max(0, (task.finished_us or now) - task.started_us) / 1e6
+    return ("running for " if task.status == "running" else "") + render_duration(seconds)
+
+
+def readable_params(params):
+    """Params as `key=value` words, each value quoted as a shell would read it."""
+    return " ".join(f"{key}={shell_quote(value)}" for key, value in params.items())
+
+
+def render_cancel_button(task, url):
+    """A Cancel button for an unfinished task; hidden until CANCEL_SCRIPT runs."""
+    if task.finished:
+        return ""
+    return f'<button type="button" data-cancel="{url}" data-task="{task.id}" hidden>Cancel</button>'
+
+
+def render_task_row(task, now, position):
+    """One task as a row of the list; its class is its status, as the original's div's was.
+    Params are one line, cut where the column ends; the cell's tooltip has more."""
+    e = html.escape  # for what came from a user; ids, statuses and numbers are the daemon's
+    params = readable_params(task.params)
+    shown = params if len(params) <= LIST_PARAMS_CHARS else params[:LIST_PARAMS_CHARS] + "…"
+    tooltip = f' title="{e(params[:LIST_PARAMS_TOOLTIP_CHARS])}"' if params else ""
+    exit_code = "" if task.exit_code is None else task.exit_code
+    link = "tasks/" + task.id
+    return (f'<tr class="{task.status}"><td><a href="{link}">{task.id}</a></td>'
+            f'<td>{e(task.name)}</td><td class="params"{tooltip}>{e(shown)}</td>'
+            f'<td class="status">{task.status}</td><td>{local_time(task.created_us)}</td>'
+            f"<td>{render_elapsed(task, now, position(task.id))}</td><td>{exit_code}</td>"
+            f"<td>{render_cancel_button(task, link)}</td></tr>")
+
+
+def render_list_html(tasks, pending, busy, now, position, older=None, newest=None):
+    """The /tasks page: one page of the list, newest first, with links to the newest and
+    the older tasks. It reloads itself while what it shows, or a new task, may change.
+
+    `position(task_id)` is a pending task's position in the queue; `now` is the time in
+    microseconds since the epoch; `older` and `newest` are relative URLs, or None where
+    there is no such page.
+    """
+    unfinished = any(not task.finished for task in tasks)
+    parts = ["<h1>Task Train</h1>", f"<p>{pending} pending task(s).</p>"]
+    if tasks:
+        parts.append(f"<table>\n<tr>{LIST_HEADINGS}</tr>\n"
+                     + "\n".join(render_task_row(task, now, position) for task in tasks)
+                     + "\n</table>")
+    else:
+        parts.append("<p>No older tasks.</p>" if newest else "<p>No tasks yet.</p>")
+    links = [f'<a href="{html.escape(url)}">{text}</a>'
+             for url, text in ((newest, "Newest tasks"), (older, "Older tasks")) if url]
+    if links:
+        parts.append("<p>" + " · ".join(links) + "</p>")
+    if unfinished:
+        parts.append(CANCEL_SCRIPT)
+    refresh = busy and (unfinished or newest is None)
+    return render_page("Task Train", "\n".join(parts), LIST_REFRESH_S if refresh else None)
+
+
+CANCEL_SCRIPT = """<script>
+for (const button of document.querySelectorAll("button[data-cancel]")) {
+  button.hidden = false;
+  button.addEventListener("click", async () => {
+    if (!confirm("Cancel task " + button.dataset.task + "?")) return;
+    button.disabled = true;
+    button.textContent = "Cancelling\u2026";
+    try {
+      // A same-origin fetch: the browser adds Origin, Sec-Fetch-Site and the page's
+      // Basic credentials, so the daemon's cross-site and token checks let it pass.
+      const answer = await fetch(button.dataset.cancel,
+                                 {method: "DELETE", headers: {Accept: "application/json"}});
+      if (!answer.ok) alert(await answer.json().then(j => j.error, () => answer.statusText));
+    } catch (e) {
+      alert("Task Train did not answer: " + e.message);
+    }
+    location.reload();
+  });
+}
+</script>"""
 
 FOLLOW_SCRIPT = """<script>
 (async () => {
-  const out = document.getElementById("output");
+  // At most KEEP characters stay in the page, the oldest dropped first; it is redrawn
+  // at most every 100 ms, with at most BATCH new characters. Measured in Chromium: a
+  // page that appended a whole 100 MB log froze its tab for 35 s, and one that redrew
+  // its whole million characters at each change stalled for 400 ms at a time. Ended
+  // lines go into blocks of their own, so that a redraw lays out only what is new;
+  // the last block holds the line still being written.
+  const KEEP = %d, BATCH = 65536;
+  const out = document.getElementById("output"), status = document.getElementById("status");
+  const open = out.lastElementChild;
+  let kept = out.textContent.length - open.textContent.length, unshown = "", timer = null;
+  const root = document.documentElement;
+  const atBottom = () => innerHeight + scrollY >= root.scrollHeight - 40;
+  const add = (text, className) => {
+    const block = document.createElement("div");
+    block.textContent = text;
+    block.className = className;
+    out.insertBefore(block, open);
+    kept += text.length;
+  };
+  const show = () => {
+    timer = null;
+    const stayAtBottom = atBottom();
+    let text = open.textContent + unshown;
+    unshown = "";
+    if (text.length > BATCH) {  // faster than anyone reads: show the newest lines
+      text = text.slice(text.indexOf("\\n", text.length - BATCH) + 1);
+      while (out.firstElementChild !== open) out.firstElementChild.remove();
+      kept = 0;
+      add("[Output came faster than this page shows it; the full log has every line.]\\n",
+          "skipped");
+    }
+    let cut = text.lastIndexOf("\\n") + 1;
+    if (text.length - cut >= BATCH) cut = text.length;  // one huge line: break it
+    if (cut) add(text.slice(0, cut), "");
+    open.textContent = text.slice(cut);
+    while (kept > KEEP && out.firstElementChild !== open) {
+      kept -= out.firstElementChild.textContent.length;
+      out.firstElementChild.remove();
+    }
+    if (stayAtBottom) scrollTo(0, root.scrollHeight);
+  };
+  scrollTo(0, root.scrollHeight);
   try {
-    const response = await fetch(%s, {cache: "no-store"});
+    const response = await fetch(out.dataset.follow, {cache: "no-store"});
+    if (!response.ok) throw new Error(response.statusText);
     const reader = response.body.getReader(), decoder = new TextDecoder();
-    let first = true;
     for (;;) {
       const {done, value} = await reader.read();
       if (done) break;
-      if (first) { out.textContent = ""; first = false; }
-      out.append(decoder.decode(value, {stream: true}));
+      if (status.textContent === "pending") status.textContent = status.className = "running";
+      unshown += decoder.decode(value, {stream: true});
+      if (unshown.length > 2 * BATCH) unshown = unshown.slice(-BATCH - 1);
+      timer = timer || setTimeout(show, 100);
     }
   } catch (e) {}
+  if (timer) {
+    clearTimeout(timer);
+    show();
+  }
   // The stream ends with the task, or with the daemon: reload once it answers again.
   const answers = () => fetch(location.href, {method: "HEAD", cache: "no-store"})
     .then(() => true, () => false);
   while (!(await answers())) await new Promise(wake => setTimeout(wake, 2000));
   location.reload();
 })();
-</script>"""
+</script>""" % LIVE_KEEP_CHARS
 
 
-def render_task_html(task, shown_scripts_dir, output_tail, truncated):
-    """A task's page for a browser; while the task is unfinished its output follows live."""
+def render_task_html(task, shown_scripts_dir, tail, tail_start, now, position=None):
+    """A task's page for a browser: its fields, each script's outcome and the end of its
+    output, which follows live from where the shown part ends while the task runs.
+
+    `tail` holds the log's bytes from offset `tail_start` on; the page shows whole
+    lines of it, so that no character is cut in two where the live part joins.
+    """
     e = html.escape
-    note = (f'<p>Earlier output is in <a href="{task.id}/log">the full log</a>.</p>'
-            if truncated else "")
+    skip = tail.find(b"\n") + 1 if tail_start else 0  # the first line may be cut
+    end = len(tail) if task.finished else max(skip, tail.rfind(b"\n") + 1)
+    fields = [("Status", f'<span id="status" class="{task.status}">{task.status}</span>'),
+              ("Params", e(readable_params(task.params)) or "none"),
+              ("Created", rfc2822(task.created_us))]
+    if task.started_us:
+        fields.append(("Started", rfc2822(task.started_us)))
+    if task.finished_us:
+        fields.append(("Finished", rfc2822(task.finished_us)))
+    fields.append(("Duration", render_elapsed(task, now, position)))
+    if task.exit_code is not None:
+        fields.append(("Exit code", str(task.exit_code)))
+    # The deploy issue's supersede setting adds this field; a task without it has none.
+    superseded_by = getattr(task, "superseded_by", None)
+    if superseded_by:
+        fields.append(("Superseded by", f'<a href="{e(superseded_by)}">{e(superseded_by)}</a>'))
+    fields.append(("Process", f"<code>{e(render_process(task, shown_scripts_dir))}</code>"))
     parts = [
         '<p><a href="../tasks">All tasks</a></p>',
-        render_task_div(task, None),
-        f"<p>Process: <code>{e(render_process(task, shown_scripts_dir))}</code></p>",
-        note,
-        f'<pre id="output">{e(output_tail.decode("utf-8", "replace"))}</pre>',
+        f"<h1>{e(task.name)} {task.id}</h1>",
+        '<table class="fields">'
+        + "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in fields)
+        + "</table>",
     ]
     if not task.finished:
-        parts.append(FOLLOW_SCRIPT % json.dumps(f"{task.id}/log?follow=1"))
+        parts.append(f"<p>{render_cancel_button(task, task.id)}</p>")
+    if task.scripts:
+        parts.append("<h2>Scripts</h2>\n<table><tr><th>Script</th><th>Exit code</th>"
+                     "<th>Duration</th></tr>" + "".join(
+                         f'<tr class="{"complete" if run["exit_code"] == 0 else "failed"}">'
+                         f'<td>{e(run["path"])}</td><td>{run["exit_code"]}</td>'
+                         f'<td>{render_duration(run["seconds"])}</td></tr>'
+                         for run in task.scripts) + "</table>")
+    full_log = f'<a href="{task.id}/log">the full log</a>'
+    earlier = (f" This page keeps the last lines; {full_log} has them all."
+               if not task.finished else
+               f" Earlier output is in {full_log}." if tail_start + skip else "")
+    parts.append(f'<h2>Output</h2>\n<p><a href="#end">Last lines</a>.{earlier}</p>')
+    follow = (f' data-follow="{e(f"{task.id}/log?follow=1&from={tail_start + end}")}"'
+              if not task.finished else "")
+    shown = tail[skip:end].decode("utf-8", "replace")
+    parts.append(f'<div id="output"{follow}><div>{e(shown)}</div><div></div></div>'
+                 '<div id="end"></div>')
+    if not task.finished:
+        parts += [CANCEL_SCRIPT, FOLLOW_SCRIPT]
     return render_page(f"Task Train: {task.name} {task.id}", "\n".join(parts))
 
 
@@ -1597,6 +1775,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Whether a query parameter is set to something other than 0."""
         return dict(self.query).get(key) not in (None, "", "0")
 
+    def _query_value(self, key):
+        """A query parameter's last value ("" when it is given empty), or None."""
+        return dict(self.query).get(key)
+
+    def _query_number(self, key, default, least, most=None):
+        """A whole-number query parameter from `least` to `most`, or a 400 naming it."""
+        value = self._query_value(key)
+        if value is None:
+            return default
+        if not (value.isascii() and value.isdigit() and least <= int(value)
+                and (most is None or int(value) <= most)):
+            bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
+            abort(400, f"Bad {key} parameter: give a whole number, {bounds}.")
+        return int(value)
+
+    def _list_url(self, **query):
+        """A relative URL of the list, keeping this request's limit and format."""
+        kept = {key: self._query_value(key) for key in ("limit", "format")}
+        query.update((key, value) for key, value in kept.items() if value)
+        return "tasks?" + urllib.parse.urlencode(query) if query else "tasks"
+
     # -- authorization --
 
     def _refuse_browser_attacks(self):
@@ -1725,16 +1924,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
-        """GET /tasks: the list, as HTML, JSON or text records."""
+        """GET /tasks: a page of the list (the newest 100; ?before=ID, ?limit=N) as HTML,
+        JSON or text records, with a link to the next, older, page."""
         store, shown = self.server.store, self.server.shown_scripts_dir
-        tasks = store.newest_first()
+        before = self._query_value("before")
+        if before is not None and not re.fullmatch(ID_RE, before):
+            abort(400, "Bad before parameter: give a task ID (13 hex digits).")
+        limit = self._query_number("limit", LIST_PAGE_TASKS, 1, MAX_LIST_PAGE_TASKS)
+        tasks, more = store.newest_page(before, limit)
+        older = self._list_url(before=tasks[-1].id) if more else None
+        headers = {"Link": f'<{older}>; rel="next"'} if older else None
         if self._wants("json"):
-            self._send_chunks(200, JSON, render_json_list(tasks, shown, store.position))
+            self._send_chunks(200, JSON, render_json_list(tasks, shown, store.position),
+                              headers=headers)
         elif self._wants("text"):
-            self._send_chunks(200, TEXT, render_records(tasks, shown, store.log_path))
+            self._send_chunks(200, TEXT, render_records(tasks, shown, store.log_path),
+                              headers=headers)
         else:
-            page = render_list_html(tasks, store.pending_count(), store.busy())
-            self._send(200, HTML, page.encode())
+            newest = self._list_url() if before else None
+            page = render_list_html(tasks, store.pending_count(), store.busy(),
+                                    now_us(), store.position, older, newest)
+            self._send(200, HTML, page.encode(), headers)
 
     def get_task(self, task_id):
         """GET /tasks/ID: the record; with `Prefer: wait=N`, once the task has ended."""
@@ -1754,10 +1964,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._send_chunks(status, JSON, render_task_json(fields, f), headers=headers)
         elif self._wants("html"):
             with self._open_log(task_id) as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(max(0, size - HTML_TAIL_BYTES))
+                start = max(0, os.fstat(f.fileno()).st_size - HTML_TAIL_BYTES)
+                f.seek(start)
                 tail = f.read(HTML_TAIL_BYTES)
-            page = render_task_html(task, shown, tail, truncated=size > HTML_TAIL_BYTES)
+            page = render_task_html(task, shown, tail, start, now_us(),
+                                    self.server.store.position(task_id))
             self._send(status, HTML, page.encode(), headers)
         else:
             head = render_record_head(task, shown).encode()
@@ -1772,19 +1983,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.show_task(task_id, status, {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
 
     def show_log(self, task_id):
-        """GET /tasks/ID/log: the raw output; ?follow=1 streams it to the task's end."""
+        """GET /tasks/ID/log: the raw output, from byte ?from=N on (0); ?follow=1
+        streams it to the task's end."""
         self._task(task_id)
+        start = self._query_number("from", 0, 0)
         if self._wants("json"):  # JSON on every route: the task, output included
             self.show_task(task_id)
         elif self._query_flag("follow"):
-            self._send_chunks(200, TEXT, self._follow(task_id), live=True)
+            self._send_chunks(200, TEXT, self._follow(task_id, start), live=True)
         else:
             with self._open_log(task_id) as f:
+                f.seek(start)
                 self._send_file(200, TEXT, f)
 
-    def _follow(self, task_id):
-        """The log as it is written: waits while the task is pending, ends when it ends
-        or when the daemon stops."""
+    def _follow(self, task_id, start=0):
+        """The log as it is written, from byte `start` on: waits while the task is
+        pending, ends when it ends or when the daemon stops."""
         path, store, f = self.server.store.log_path(task_id), self.server.store, None
         try:
             while True:
@@ -1792,6 +2006,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 status, stopping = store.status(task_id), self.server.shutting_down.is_set()
                 if f is None and os.path.exists(path):
                     f = open(path, "rb")
+                    f.seek(start)
                 if f:
                     yield from read_chunks(f)
                 if status is None or status in FINISHED or stopping:
@@ -1857,8 +2072,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_file(self, status, content_type, f, head=b"", tail=b"", headers=None):
-        """Send a file's bytes as they are now, from disk, between head and tail."""
-        size = os.fstat(f.fileno()).st_size
+        """Send a file's bytes from where it stands to its end as it is now, from disk,
+        between head and tail."""
+        size = max(0, os.fstat(f.fileno()).st_size - f.tell())
         self._start(status, content_type, headers)
         self.send_header("Content-Length", str(len(head) + size + len(tail)))
         self.end_headers()

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import html
 import http.client
 import json
 import os
@@ -1200,19 +1201,55 @@ def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daem
 XSS = '<script>alert("x")</script>'
 
 
-def test_list_page_keeps_the_original_shape_and_escapes_everything(daemon):
-    task_id = daemon.submit("example", evil=XSS)
-    daemon.wait_status(task_id)
-    page = daemon.get("/tasks")
-    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "<title>Task Train</title>" in page.text
-    assert "<p>0 pending task(s).</p>" in page.text
-    link = f'<a href="tasks/{task_id}">{task_id}</a>'
-    assert f'<div class="complete">\n<p>ID: {link}<br />' in page.text
-    assert "Name: example<br />" in page.text and "Status: complete<br />" in page.text
-    assert XSS not in page.text and "&lt;script&gt;" in page.text
-    assert "color: #8B0000" in page.text and "background: yellow" in page.text
-    assert 'http-equiv="refresh"' not in page.text
+def list_rows(page):
+    """The list page's rows as (status class, [cell HTML, ...])."""
+    return [(status, re.findall(r"<td[^>]*>(.*?)</td>", row))
+            for status, row in re.findall(r'<tr class="(\w+)">(.*?)</tr>', page)]
+
+
+def browser_delete(d, page_path, url):
+    """DELETE `url` as the page at `page_path` sends it: a same-origin fetch."""
+    return d.request("DELETE", urllib.parse.urljoin(page_path, url), headers={
+        "Origin": f"http://127.0.0.1:{d.port}", "Sec-Fetch-Site": "same-origin",
+        "Sec-Fetch-Mode": "cors", "Accept": "application/json"})
+
+
+def test_list_page_shows_each_task_at_a_glance(tmp_path, daemons):
+    add_script(tmp_path, "example", "args.sh", ARGS_SCRIPT)
+    add_script(tmp_path, "fails", "run", "exit 3\n")
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons("--grace", "1")
+    complete = d.submit("example", branch="main", msg="two words")
+    failed = d.submit("fails")
+    d.wait_status(failed)
+    running = d.submit("block")
+    pending, cancelled = d.submit("example", wait="1"), d.submit("example", wait="2")
+    d.request("DELETE", f"/tasks/{cancelled}")
+    d.wait_status(running, "running")
+    page = d.get("/tasks").text
+    assert "<title>Task Train</title>" in page and "<h1>Task Train</h1>" in page
+    assert "<p>1 pending task(s).</p>" in page and 'http-equiv="refresh"' in page
+    rows = list_rows(page)
+    assert [status for status, _ in rows] == [
+        "cancelled", "pending", "running", "failed", "complete"]
+    by_id = {re.search(r'href="tasks/(\w+)"', cells[0]).group(1): cells for _, cells in rows}
+    assert list(by_id) == [cancelled, pending, running, failed, complete]
+    assert by_id[complete][:4] == [f'<a href="tasks/{complete}">{complete}</a>', "example",
+                                   "branch=main msg=&#x27;two words&#x27;", "complete"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[4]) for cells in by_id.values())
+    assert re.fullmatch(r"\d+ ms", by_id[complete][5]) and by_id[complete][6] == "0"
+    assert by_id[failed][6] == "3" and by_id[cancelled][5:7] == ["never ran", ""]
+    assert by_id[running][5].startswith("running for ") and by_id[pending][5] == "next to run"
+    with_button = [task_id for task_id, cells in by_id.items() if "<button" in cells[7]]
+    assert with_button == [pending, running]
+    # Each status has a colour of its own, the original's for three of them.
+    css = dict(re.findall(r"\.(pending|running|complete|failed|cancelled) \{ ([^}]*) \}", page))
+    assert len(set(css.values())) == 5 and css["complete"] == "color: gray;"
+    assert css["running"] == "background: yellow;" and css["failed"] == "color: #8B0000;"
+    # The Cancel button's DELETE, as a browser sends it from this page.
+    button_url = re.search(r'data-cancel="([^"]+)"', by_id[running][7]).group(1)
+    answer = browser_delete(d, "/tasks", button_url)
+    assert answer.status == 200 and answer.json()["status"] == "cancelled"
 
 
 def test_list_page_refreshes_while_work_is_left(tmp_path, daemons):
@@ -1223,8 +1260,178 @@ def test_list_page_refreshes_while_work_is_left(tmp_path, daemons):
     d.wait_status(first, "running")
     page = d.get("/tasks").text
     assert 'http-equiv="refresh"' in page and "<p>1 pending task(s).</p>" in page
-    assert '<div class="running">' in page and '<div class="pending">' in page
+    assert [status for status, _ in list_rows(page)] == ["pending", "running"]
     (tmp_path / "go").touch()
+    wait_for(lambda: 'http-equiv="refresh"' not in d.get("/tasks").text)
+
+
+@pytest.fixture(scope="module")
+def kept_101(tmp_path_factory):
+    """A daemon keeping 101 finished tasks; yields it and their ids, newest first."""
+    root = tmp_path_factory.mktemp("kept")
+    store = tasktrain.TaskStore(str(root / "state"))
+    ids = [store.submit("gone", {"i": str(i)}).task.id for i in range(101)]
+    store.close()
+    d = Daemon(root)  # "gone" has no scripts: each task fails as it starts
+    wait_for(lambda: d.task(ids[-1])["status"] == "failed")
+    yield d, ids[::-1]
+    d.stop()
+
+
+LISTED = {  # how each format lists its tasks' ids, and its link to the older ones
+    "json": (lambda resp: [t["id"] for t in resp.json()],
+             lambda resp: resp.headers.get("Link")),
+    "text": (lambda resp: re.findall(r"^ID:      (\w+)$", resp.text, re.M),
+             lambda resp: resp.headers.get("Link")),
+    "html": (lambda resp: re.findall(r'<tr class="\w+"><td><a href="tasks/(\w+)">', resp.text),
+             lambda resp: (lambda m: m and f'<{html.unescape(m.group(1))}>; rel="next"')(
+                 re.search(r'<a href="([^"]+)">Older tasks</a>', resp.text))),
+}
+
+
+@pytest.mark.parametrize("fmt", LISTED)
+def test_list_shows_the_newest_100_and_links_to_older_ones(kept_101, fmt):
+    d, ids = kept_101
+    listed, older_link = LISTED[fmt]
+    first = d.get(f"/tasks?format={fmt}")
+    assert listed(first) == ids[:100]
+    assert older_link(first) == f'<tasks?before={ids[99]}&format={fmt}>; rel="next"'
+    assert first.headers.get("Link") == older_link(first)
+    older = d.get("/" + older_link(first)[1:].split(">")[0])  # relative to /tasks
+    assert listed(older) == ids[100:] and older_link(older) is None
+    exactly_100 = d.get(f"/tasks?before={ids[0]}&format={fmt}")
+    assert listed(exactly_100) == ids[1:] and older_link(exactly_100) is None
+    before_the_oldest = d.get(f"/tasks?before={ids[-1]}&format={fmt}")
+    assert before_the_oldest.status == 200 and listed(before_the_oldest) == []
+    assert older_link(before_the_oldest) is None
+
+
+@pytest.mark.parametrize("limit, shown, more", [(1, 1, True), (100, 100, True),
+                                                (101, 101, False), (1000, 101, False)])
+def test_limit_sets_the_page_size_up_to_1000(kept_101, limit, shown, more):
+    d, ids = kept_101
+    resp = d.get(f"/tasks?format=json&limit={limit}")
+    assert [t["id"] for t in resp.json()] == ids[:shown]
+    assert resp.headers.get("Link") == (
+        f'<tasks?before={ids[shown - 1]}&limit={limit}&format=json>; rel="next"' if more else None)
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("/tasks?limit=0", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?limit=1001", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?limit=-1", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?limit=", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?limit=%EF%BC%91", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?format=text&limit=1e3", "Bad limit parameter: give a whole number, from 1 to 1000."),
+    ("/tasks?before=6b1032f83b6f", "Bad before parameter: give a task ID (13 hex digits)."),
+    ("/tasks?before=6B1032F83B6F6", "Bad before parameter: give a task ID (13 hex digits)."),
+    ("/tasks?before=", "Bad before parameter: give a task ID (13 hex digits)."),
+    ("/tasks/{id}/log?from=-1", "Bad from parameter: give a whole number, 0 or more."),
+    ("/tasks/{id}/log?follow=1&from=x", "Bad from parameter: give a whole number, 0 or more."),
+])
+def test_bad_paging_values_are_400_with_one_line(kept_101, query, reason):
+    d, ids = kept_101
+    resp = d.get(query.format(id=ids[0]))
+    assert (resp.status, resp.text) == (400, reason + "\n")
+
+
+def test_log_from_a_byte_offset_sends_the_rest(kept_101):
+    d, ids = kept_101
+    whole = d.log(ids[0]).encode()
+    assert whole == tasktrain.MISSING_SCRIPTS.encode() + b"\n"
+    for start in (0, 8, len(whole), len(whole) + 5):
+        assert d.get(f"/tasks/{ids[0]}/log?from={start}").body == whole[start:]
+        assert d.get(f"/tasks/{ids[0]}/log?follow=1&from={start}").body == whole[start:]
+
+
+def test_the_live_page_follows_from_where_its_tail_ends(tmp_path, daemons):
+    lines = ('i=0; while [ $i -lt 6000 ]; do i=$((i+1)); '
+             'echo "line $i: f\u00fcnf, and more text to make it longer"; done\n')
+    add_script(tmp_path, "talk", "run", lines + UNTIL_GO + "echo after\nsleep 60\n")
+    d = daemons("--grace", "1")
+    task_id = d.submit("talk")
+    wait_for(lambda: "line 6000" in d.log(task_id))
+    log = d.get(f"/tasks/{task_id}/log").body
+    assert len(log) > tasktrain.HTML_TAIL_BYTES
+    page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html"}).text
+    assert f'This page keeps the last lines; <a href="{task_id}/log">the full log</a>' in page
+    shown = re.search(r'<div id="output"[^>]*><div>(.*?)</div><div></div></div>', page, re.S)
+    shown = html.unescape(shown.group(1)).encode()
+    assert shown.startswith(b"line ") and log.endswith(b"\n" + shown)
+    assert tasktrain.HTML_TAIL_BYTES - 100 < len(shown) <= tasktrain.HTML_TAIL_BYTES
+    follow = html.unescape(re.search(r'data-follow="([^"]+)"', page).group(1))
+    assert follow == f"{task_id}/log?follow=1&from={len(log)}"
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
+    conn.request("GET", urllib.parse.urljoin(f"/tasks/{task_id}", follow))
+    stream = conn.getresponse()
+    (tmp_path / "go").touch()
+    wait_for(lambda: "after" in d.log(task_id))
+    button = re.search(r'<button type="button" data-cancel="([^"]+)"', page).group(1)
+    assert browser_delete(d, f"/tasks/{task_id}", button).json()["status"] == "cancelled"
+    assert stream.read() == d.get(f"/tasks/{task_id}/log").body[len(log):]
+    conn.close()
+
+
+def test_task_page_shows_each_scripts_exit_code_and_duration(tmp_path, daemons):
+    add_script(tmp_path, "two", "a", "echo one\n")
+    add_script(tmp_path, "two", "b", "exit 3\n")
+    d = daemons()
+    task_id = d.submit("two", k="v")
+    task = d.wait_status(task_id)
+    page = d.get(f"/tasks/{task_id}?format=html").text
+    fields = dict(re.findall(r"<tr><th>([^<]+)</th><td>(.*?)</td></tr>", page))
+    assert fields["Status"] == '<span id="status" class="failed">failed</span>'
+    assert fields["Params"] == "k=v" and fields["Exit code"] == "3"
+    assert re.fullmatch(r"\d+ ms", fields["Duration"])
+    runs = re.findall(r'<tr class="(\w+)"><td>([^<]+)</td><td>(\d+)</td><td>([^<]+)</td></tr>', page)
+    assert [(status, path, int(code)) for status, path, code, _ in runs] == [
+        ("complete", f"{d.scripts}/two/a", 0), ("failed", f"{d.scripts}/two/b", 3)]
+    assert [shown for *_, shown in runs] == [tasktrain.render_duration(s["seconds"])
+                                            for s in task["scripts"]]
+    assert "<button" not in page and "data-follow" not in page and "<script>" not in page
+
+
+ESCAPED = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+
+
+def page_task(**fields):
+    """A finished task as the store would hand it to the pages."""
+    return tasktrain.Task(**{"id": "6b1032f83b6f6", "name": "example", "params_json": "{}",
+                             "status": "failed", "created_us": 1_700_000_000_000_000,
+                             "started_us": 1_700_000_000_000_000,
+                             "finished_us": 1_700_000_001_000_000, "exit_code": 1, **fields})
+
+
+def superseded(task, by):
+    task.superseded_by = by  # the deploy issue's field, as the store will set it
+    return task
+
+
+@pytest.mark.parametrize("render", [
+    lambda: tasktrain.render_list_html(
+        [page_task(params_json=json.dumps({"k": XSS}))], 0, False, 0, lambda t: None),
+    lambda: tasktrain.render_list_html(  # cut, with the whole in the cell's tooltip
+        [page_task(params_json=json.dumps({"k": XSS * 20}))], 0, False, 0, lambda t: None),
+    lambda: tasktrain.render_list_html(
+        [page_task()], 0, False, 0, lambda t: None, older="tasks?format=" + XSS),
+    lambda: tasktrain.render_task_html(
+        page_task(params_json=json.dumps({"k": XSS})), "scripts.d", b"", 0, 0),
+    lambda: tasktrain.render_task_html(
+        page_task(scripts_json=json.dumps([{"path": XSS, "exit_code": 1, "seconds": 1}])),
+        "scripts.d", b"", 0, 0),
+    lambda: tasktrain.render_task_html(page_task(), XSS, b"", 0, 0),
+    lambda: tasktrain.render_task_html(page_task(), "scripts.d", XSS.encode(), 0, 0),
+    lambda: tasktrain.render_task_html(superseded(page_task(), XSS), "scripts.d", b"", 0, 0),
+], ids=["list params", "list params tooltip", "list link", "task params", "script path",
+        "scripts folder", "output", "superseded by"])
+def test_pages_escape_every_field(render):
+    page = render()
+    assert XSS not in page and ESCAPED in page
+
+
+def test_task_page_links_the_task_that_superseded_it():
+    page = tasktrain.render_task_html(superseded(page_task(), "6b1032f83b6f7"), "s", b"", 0, 0)
+    assert '<th>Superseded by</th><td><a href="6b1032f83b6f7">6b1032f83b6f7</a></td>' in page
 
 
 def test_browser_gets_a_live_page_and_curl_the_record(tmp_path, daemons):
@@ -1235,7 +1442,8 @@ def test_browser_gets_a_live_page_and_curl_the_record(tmp_path, daemons):
     page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html,application/xhtml+xml,*/*"})
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"
     assert XSS not in page.text and "&lt;script&gt;alert" in page.text
-    assert f'"{task_id}/log?follow=1"' in page.text and 'href="../tasks"' in page.text
+    assert f'data-follow="{task_id}/log?follow=1&amp;from=' in page.text
+    assert 'href="../tasks"' in page.text
     assert d.get(f"/tasks/{task_id}", headers={"Accept": "*/*"}).text.startswith("ID:      ")
     (tmp_path / "go").touch()
     d.wait_status(task_id)
