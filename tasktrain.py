@@ -88,8 +88,8 @@ LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab
 LIST_REFRESH_S = 3
 LIST_PAGE_TASKS = 100
 MAX_LIST_PAGE_TASKS = 1000
-LIST_PARAMS_CHARS = 200  # of params in a row of the list; its tooltip has up to...
-LIST_PARAMS_TOOLTIP_CHARS = 2000
+LIST_PARAMS_CHARS = 200  # of a task's params, in its row of the list
+LIST_PARAMS_TOOLTIP_CHARS = 2000  # in that cell's tooltip
 
 # fdatasync skips the inode's times, as SQLite does; macOS has only fsync.
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
@@ -1316,7 +1316,8 @@ def render_duration(seconds):
 
 
 def render_elapsed(task, now, position):
-    """How long the task ran or has been running, or where it waits in the queue."""
+    """How long the task ran or, at `now` (microseconds since the epoch), has been
+    running; or where it waits in the queue."""
     if task.status == "pending":
         return {None: "waiting", 1: "next to run"}.get(position, f"waiting, #{position}")
     if task.started_us is None:
@@ -1389,7 +1390,9 @@ for (const button of document.querySelectorAll("button[data-cancel]")) {
     try {
       // A same-origin fetch: the browser adds Origin, Sec-Fetch-Site and the page's
       // Basic credentials, so the daemon's cross-site and token checks let it pass.
-      const answer = await fetch(button.dataset.cancel,
+      // Resolved against location.href, which has no user:password@ (as the page's
+      // base URL may have): Chromium refuses to fetch a URL that carries them.
+      const answer = await fetch(new URL(button.dataset.cancel, location.href),
                                  {method: "DELETE", headers: {Accept: "application/json"}});
       if (!answer.ok) alert(await answer.json().then(j => j.error, () => answer.statusText));
     } catch (e) {
@@ -1445,7 +1448,7 @@ FOLLOW_SCRIPT = """<script>
   };
   scrollTo(0, root.scrollHeight);
   try {
-    const response = await fetch(out.dataset.follow, {cache: "no-store"});
+    const response = await fetch(new URL(out.dataset.follow, location.href), {cache: "no-store"});
     if (!response.ok) throw new Error(response.statusText);
     const reader = response.body.getReader(), decoder = new TextDecoder();
     for (;;) {
@@ -1784,8 +1787,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         value = self._query_value(key)
         if value is None:
             return default
-        if not (value.isascii() and value.isdigit() and least <= int(value)
-                and (most is None or int(value) <= most)):
+        # Python refuses to convert more than 4,300 digits (CVE-2020-10735): 18 will do.
+        if not (value.isascii() and value.isdigit() and len(value) <= 18
+                and least <= int(value) and (most is None or int(value) <= most)):
             bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
             abort(400, f"Bad {key} parameter: give a whole number, {bounds}.")
         return int(value)

@@ -1328,6 +1328,7 @@ def test_limit_sets_the_page_size_up_to_1000(kept_101, limit, shown, more):
     ("/tasks?before=", "Bad before parameter: give a task ID (13 hex digits)."),
     ("/tasks/{id}/log?from=-1", "Bad from parameter: give a whole number, 0 or more."),
     ("/tasks/{id}/log?follow=1&from=x", "Bad from parameter: give a whole number, 0 or more."),
+    ("/tasks/{id}/log?from=" + "9" * 5000, "Bad from parameter: give a whole number, 0 or more."),
 ])
 def test_bad_paging_values_are_400_with_one_line(kept_101, query, reason):
     d, ids = kept_101
