@@ -95,8 +95,20 @@ LIST_PARAMS_TOOLTIP_CHARS = 2000  # in that cell's tooltip
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
+FORGE_ENV = ("TASKTRAIN_EVENT", "TASKTRAIN_DELIVERY", "TASKTRAIN_REF", "TASKTRAIN_COMMIT")
+# (event header, delivery header), the forge's own first: Gitea and Forgejo also send
+# Gogs's and GitHub's headers, for receivers written for those.
+FORGE_HEADERS = (
+    ("X-Gitea-Event", "X-Gitea-Delivery"),
+    ("X-Gogs-Event", "X-Gogs-Delivery"),
+    ("X-Gitlab-Event", "X-Gitlab-Event-UUID"),
+    ("X-GitHub-Event", "X-GitHub-Delivery"),
+)
+DELIVERY_RE = re.compile(r"[\x21-\x7e]{1,128}")
+MAX_REF_CHARS = 1024  # a ref or commit goes into the environment, as is
 CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout)  # a client left or stalled
 FORM_TYPE = "application/x-www-form-urlencoded"
+SIGNATURE_HEADERS = ("X-Hub-Signature-256", "X-Gitea-Signature", "X-Gogs-Signature")
 # http.client parses a request head as an email message: a multipart Content-Type makes
 # it look for MIME parts in the (empty) payload, and flag their absence. Only these
 # defects are about the header lines themselves.
@@ -160,6 +172,10 @@ class Task:
     finished_us: "int | None" = None
     exit_code: "int | None" = None
     scripts_json: str = "[]"
+    event: "str | None" = None      # the forge event that submitted it (push, tag_push ...)
+    delivery: "str | None" = None   # the forge's id of that delivery
+    ref: "str | None" = None        # the payload's ref
+    commit: "str | None" = None     # the payload's commit (after, or GitLab's checkout_sha)
     body: bytes = b""
 
     @functools.cached_property
@@ -188,6 +204,15 @@ class Claim(typing.NamedTuple):
 
     task: Task                  # running, with its body
     synced: typing.Callable     # call before the task's first script starts
+
+
+class ForgeEvent(typing.NamedTuple):
+    """What a forge's webhook delivery says about itself, kept with its task."""
+
+    event: str
+    delivery: "str | None"
+    ref: "str | None"
+    commit: "str | None"
 
 
 class Submitted(typing.NamedTuple):
@@ -363,14 +388,35 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_us INTEGER,
     exit_code   INTEGER,
     scripts     TEXT NOT NULL DEFAULT '[]',
-    pgid        INTEGER             -- process group of the script running now
+    pgid        INTEGER,            -- process group of the script running now
+    event       TEXT,               -- the forge event, delivery, ref and commit, if any
+    delivery    TEXT,
+    ref         TEXT,
+    commit_sha  TEXT,
+    webhook_sha256 TEXT             -- of the body as sent, if the webhook secret alone let it in
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+# Columns added since the first release, which a database made before them gains on open.
+ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
+                 ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"))
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
+    WHERE webhook_sha256 IS NOT NULL;
+"""
 COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
-           "exit_code, scripts")
+           "exit_code, scripts, event, delivery, ref, commit_sha")
 IS_FINISHED_SQL = "status IN (%s)" % ", ".join(f"'{status}'" for status in FINISHED)
+
+
+def add_missing_columns(db):
+    """Give a database made by an older version the columns (and indexes) added since."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    for name, declaration in ADDED_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
+    db.executescript(ADDED_INDEXES)
 
 
 class TaskStore:
@@ -422,6 +468,7 @@ class TaskStore:
         None where SQLite must sync every commit itself)."""
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.executescript(SCHEMA)
+        add_missing_columns(db)
         if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
             db.execute("PRAGMA synchronous=FULL")  # a file system without shared memory
             return db, None
@@ -507,6 +554,18 @@ class TaskStore:
         i = bisect.bisect_left(self._pending, task_id)
         return i + 1 if i < len(self._pending) and self._pending[i] == task_id else None
 
+    def _webhook_task_id(self, webhook_key):
+        """The id of the kept task submitted with this webhook key, or None."""
+        row = self._db.execute("SELECT id FROM tasks WHERE webhook_sha256 = ? LIMIT 1",
+                               (webhook_key,)).fetchone()
+        return row[0] if row else None
+
+    def _found(self, task_id):
+        """A Submitted for a task written before, perhaps by a submitter still waiting
+        for its fsync: `synced` waits for that too."""
+        return Submitted(task_from_row(self._row(task_id)), False, self._position(task_id),
+                         self._synced_so_far())
+
     def _forget_pending(self, task_id, fingerprint):
         """Take a task off the pending mirrors."""
         del self._pending[bisect.bisect_left(self._pending, task_id)]
@@ -583,8 +642,11 @@ class TaskStore:
 
     # -- the API; each call takes _lock itself --
 
-    def submit(self, name, params, body=b"", on_claimed=None):
+    def submit(self, name, params, body=b"", on_claimed=None, event=None, webhook_key=None):
         """Write a new pending task, or find an identical one; returns a Submitted.
+
+        `event` is the ForgeEvent that submitted it, if one did. Given `webhook_key`
+        (see webhook_task), a kept task with the same key is found instead.
 
         Given `on_claimed`, and if the runner holds no task, the oldest pending one
         (this one, mostly) is claimed in the same commit and handed over with
@@ -593,20 +655,24 @@ class TaskStore:
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
             b"\0".join([name.encode(), params_json.encode(), body])).hexdigest()
+        event = event or ForgeEvent(None, None, None, None)
         with self._lock:
-            same = self._pending_fingerprints.get(fingerprint)
-            if same:  # perhaps written by a submitter still waiting for its fsync
-                return Submitted(task_from_row(self._row(same)), False, self._position(same),
-                                 self._synced_so_far())
+            same = webhook_key and self._webhook_task_id(webhook_key)
+            same = same or self._pending_fingerprints.get(fingerprint)
+            if same:
+                return self._found(same)
             if len(self._pending) >= MAX_PENDING:
                 raise QueueFull
             us = self._next_us()
-            task = Task(format_id(us), name, params_json, "pending", us, body=body)
+            task = Task(format_id(us), name, params_json, "pending", us, body=body,
+                        event=event.event, delivery=event.delivery, ref=event.ref,
+                        commit=event.commit)
             with self._transaction():
                 self._db.execute(
-                    "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                    (task.id, name, params_json, body, fingerprint, us))
+                    "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us, "
+                    "event, delivery, ref, commit_sha, webhook_sha256) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                    (task.id, name, params_json, body, fingerprint, us, *event, webhook_key))
                 self._pending.append(task.id)
                 self._pending_fingerprints[fingerprint] = task.id
                 position = len(self._pending)
@@ -615,6 +681,13 @@ class TaskStore:
         if claimed:
             on_claimed(Claim(claimed, synced))
         return Submitted(task, True, position, synced)
+
+    def webhook_task(self, webhook_key):
+        """The kept task (finished ones too) submitted with this webhook key (the sha256
+        of a body the webhook secret alone let in), as submit() finds it; or None."""
+        with self._lock:
+            task_id = self._webhook_task_id(webhook_key)
+            return self._found(task_id) if task_id else None
 
     def get(self, task_id):
         """The task with this id, or None."""
@@ -815,7 +888,7 @@ class Runner:
         self.devnull = os.open(os.devnull, os.O_RDONLY)  # stdin of a task without a body
         # Encoded once: Popen would encode every variable again for every script.
         self.env = {os.fsencode(k): os.fsencode(v)
-                    for k, v in os.environ.items() if k not in SECRET_ENV}
+                    for k, v in os.environ.items() if k not in SECRET_ENV + FORGE_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
         # Hold _lock whenever reading or changing _stops, _process or _shutdown: the
         # runner, handler threads (cancel) and timer threads (timeout) all do. _stops
@@ -1009,6 +1082,9 @@ class Runner:
         env = dict(self.env)
         env[b"TASKTRAIN_TASK_ID"] = task.id.encode()
         env[b"TASKTRAIN_TASK_NAME"] = task.name.encode()
+        for key, value in zip(FORGE_ENV, (task.event, task.delivery, task.ref, task.commit)):
+            if value is not None:
+                env[key.encode()] = value.encode()
         return list_scripts(os.path.join(self.scripts_dir, task.name)), env
 
     def _run_scripts(self, task, scripts, env, stdin, out):
@@ -1237,6 +1313,10 @@ def task_fields(task, shown_scripts_dir, position=None):
         "process": [task_folder(task, shown_scripts_dir) + "/*"] + task.args,
         "position": position,
         "scripts": task.scripts,
+        "event": task.event,
+        "delivery": task.delivery,
+        "ref": task.ref,
+        "commit": task.commit,
     }
 
 
@@ -1628,6 +1708,83 @@ def preferred_wait(prefer_headers):
     return None
 
 
+def forge_event(headers, body):
+    """(ForgeEvent, payload) if the request is a forge's webhook delivery, else None;
+    a 400 if its headers or payload cannot be used.
+
+    The payload, the scripts' stdin, is the `payload` field of a form (GitHub's
+    default content type), else the body as sent.
+    """
+    for event_header, delivery_header in FORGE_HEADERS:
+        value = headers.get(event_header)
+        if value is not None:
+            break
+    else:
+        return None
+    event = event_name(value)
+    if not EVENT_RE.fullmatch(event):
+        abort(400, f"Bad {event_header} header: {value!r}.")
+    delivery = headers.get(delivery_header)
+    if delivery is not None and not DELIVERY_RE.fullmatch(delivery):
+        abort(400, f"Bad {delivery_header} header: {delivery!r}.")
+    payload = body
+    if headers.get("Content-Type", "").split(";")[0].strip().lower() == FORM_TYPE:
+        with contextlib.suppress(HTTPError):  # a body that is no form has no payload field
+            payload = dict(parse_form(body)).get("payload", body)
+        if isinstance(payload, str):
+            payload = payload.encode()
+    ref, commit = payload_ref_and_commit(payload, gitlab=event_header == "X-Gitlab-Event")
+    return ForgeEvent(event, delivery, ref, commit), payload
+
+
+def event_name(header_value):
+    """An event header's value as a name for settings: GitLab's `Tag Push Hook` is
+    `tag_push`; the other forges' values are already such names."""
+    words = header_value.strip().lower().split()
+    if len(words) > 1 and words[-1] == "hook":
+        words.pop()
+    return "_".join(words)
+
+
+def payload_ref_and_commit(payload, gitlab):
+    """The `ref` and commit of a JSON object payload, each None if absent; the commit is
+    `after`, or GitLab's `checkout_sha` (the commit an annotated tag points to)."""
+    try:
+        fields = json.loads(payload)
+    except (ValueError, RecursionError):  # not JSON (or UTF-8), or nested beyond reason
+        return None, None
+    if not isinstance(fields, dict):
+        return None, None
+    commit = fields.get("checkout_sha") if gitlab else None
+    if not isinstance(commit, str):
+        commit = fields.get("after")
+    return payload_text(fields.get("ref"), "ref"), payload_text(commit, "commit")
+
+
+def payload_text(value, key):
+    """A string from the payload that can go into the environment, or None if it is
+    not a string; a 400 if it cannot."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # JSON allows a lone surrogate
+        abort(400, f"The payload's {key} is not valid Unicode.")
+    if len(value) > MAX_REF_CHARS or any(ord(c) < 32 or c == "\x7f" for c in value):
+        abort(400, f"The payload's {key} is over {MAX_REF_CHARS} characters or holds a "
+                   "control character.")
+    return value
+
+
+def refuse_unsigned_params(pairs):
+    """400 for a query parameter other than name: a webhook signature covers the body
+    alone, so whoever saw one delivery could send it again with a URL of their own."""
+    for key, _ in pairs:
+        if key != "name":
+            abort(400, f"Query parameter {key!r} refused: a webhook signature does not cover "
+                       "the URL, so a signed request may carry only name there.")
+
+
 def same_secret(given, expected):
     """Compare secrets in constant time."""
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -1844,7 +2001,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             gitlab = self.headers.get("X-Gitlab-Token")
             if gitlab is not None and same_secret(gitlab, secret):
                 return False
-            if self.headers.get("X-Hub-Signature-256") or self.headers.get("X-Gitea-Signature"):
+            if any(map(self.headers.get, SIGNATURE_HEADERS)):
                 return True
             unauthorized("Bad X-Gitlab-Token." if gitlab is not None
                          else "Missing webhook signature.")
@@ -1866,11 +2023,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return same_secret(decoded.partition(":")[2], token)
         return False
 
+    def _webhook_key(self, body):
+        """The body's sha256 if the webhook secret alone let the request in (a
+        signature, or GitLab's token), else None: a replay is found by it."""
+        token = self.server.token
+        if not self.server.secret or (token and self._has_token(token)):
+            return None
+        return hashlib.sha256(body).hexdigest()
+
     def _check_signature(self, body):
-        """401 unless the body's GitHub or Gitea HMAC-SHA256 signature is right."""
+        """401 unless the body's GitHub, Gitea or Gogs HMAC-SHA256 signature is right."""
         expected = hmac.new(self.server.secret.encode(), body, hashlib.sha256).hexdigest()
         github = self.headers.get("X-Hub-Signature-256", "")
-        gitea = self.headers.get("X-Gitea-Signature", "")
+        gitea = self.headers.get("X-Gitea-Signature") or self.headers.get("X-Gogs-Signature", "")
         given = github[len("sha256="):] if github.startswith("sha256=") else gitea
         if not (given and same_secret(given.strip().lower(), expected)):
             unauthorized("Bad webhook signature.")
@@ -1886,13 +2051,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, TEXT, b"Task Manager is running!")
 
     def submit(self):
-        """POST /task: queue a task, or find the identical pending one."""
+        """POST /task: queue a task; or find the identical pending one, or the task
+        that a signed body sent again (a replay) first queued."""
         body = self._read_body()
         if self.needs_signature:
             self._check_signature(body)
+        webhook_key = self._webhook_key(body)
+        replayed = webhook_key and self.server.store.webhook_task(webhook_key)
+        if replayed:  # whatever the URL says: it is not signed
+            log.info("task %s: its webhook body came again; nothing queued", replayed.task.id)
+            self._send_submitted(*replayed)
+            return
+        forge = forge_event(self.headers, body)
         pairs = list(self.query)
+        if webhook_key:
+            refuse_unsigned_params(pairs)
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type == FORM_TYPE:
+        event = None
+        if forge:
+            event, body = forge
+        elif content_type == FORM_TYPE:
             pairs += parse_form(body)
             body = b""
         params = dict(pairs)
@@ -1905,15 +2083,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not has_scripts(folder):
             abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
         try:
-            read_task_settings(folder, shown_folder)
+            settings = read_task_settings(folder, shown_folder)
         except SettingsError as e:
             abort(500, str(e))
+        if event and self._answer_unqueued_event(event, name, settings, shown_folder):
+            return
         try:
-            task, is_new, position, synced = self.server.store.submit(
-                name, params, body, on_claimed=self.server.runner.hand_over)
+            submitted = self.server.store.submit(
+                name, params, body, on_claimed=self.server.runner.hand_over, event=event,
+                webhook_key=webhook_key)
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
+        self._send_submitted(*submitted)
+
+    def _answer_unqueued_event(self, event, name, settings, shown_folder):
+        """Answer a ping, or an event the task's settings do not accept, queueing
+        nothing; False if the event is to be queued."""
+        if event.event == "ping":  # GitHub's, when a webhook is created
+            self._send_note(200, f"Ping received: this webhook can start task {name!r}; "
+                                 "nothing queued.")
+            return True
+        if settings.events is not None and event.event not in settings.events:
+            accepted = ", ".join(sorted(settings.events))
+            self._send_note(202, f"Event {event.event!r} ignored: {shown_folder}/"
+                                 f"{SETTINGS_FILE} accepts only {accepted}; nothing queued.")
+            return True
+        return False
+
+    def _send_submitted(self, task, is_new, position, synced):
+        """Answer a submission with the task's record, once the task is on disk."""
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))
@@ -2119,6 +2318,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+    def _send_note(self, status, line):
+        """Send a one-line answer that is no error, as JSON if JSON was asked for."""
+        if self._wants("json"):
+            self._send(status, JSON, json_bytes({"message": line}))
+        else:
+            self._send(status, TEXT, line.encode() + b"\n")
 
     def _send_reason(self, status, reason, headers=None):
         """Send a one-line reason, as JSON if JSON was asked for."""

@@ -1659,6 +1659,358 @@ def test_nothing_of_a_keep_alive_requests_headers_reaches_the_next(idle_daemon):
 
 
 # ----------------------------------------------------------------------------
+# §7 Forge webhooks as they really arrive
+# ----------------------------------------------------------------------------
+
+# Prints the forge's variables (a stale TASKTRAIN_EVENT from the daemon's environment
+# must not show) and keeps its stdin where the test can compare it byte for byte.
+FORGE_SCRIPT = ('cat > "$STDIN_DIR/$TASKTRAIN_TASK_ID"\n'
+                "env | grep '^TASKTRAIN_[CDER]' | sort\n")
+
+
+@pytest.fixture(scope="module")
+def forge_daemon(tmp_path_factory):
+    """One daemon with --secret hush for the forge tests; each posts bodies of its own."""
+    root = tmp_path_factory.mktemp("forge")
+    (root / "stdin").mkdir()
+    for task in ("hook", "pushes"):
+        add_script(root, task, "run", FORGE_SCRIPT)
+    (root / "scripts.d" / "pushes" / ".task.ini").write_text("[task]\nevents = push tag_push\n")
+    d = Daemon(root, "--secret", "hush",
+               env={"STDIN_DIR": str(root / "stdin"), "TASKTRAIN_EVENT": "stale"})
+    yield d
+    d.stop()
+
+
+def forge_headers(forge, body, event, delivery="72d3162e-cc78-11e3-81ab-4c9367dc0958",
+                  secret="hush"):
+    """The headers each forge sends with a delivery, signature included."""
+    hex256 = sign(body, secret)
+    if forge == "github":
+        return {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery, "X-GitHub-Hook-ID": "7",
+                "X-Hub-Signature": "sha1=" + hmac.new(secret.encode(), body, "sha1").hexdigest(),
+                "X-Hub-Signature-256": "sha256=" + hex256, "User-Agent": "GitHub-Hookshot/3c1e2a7"}
+    if forge == "gitea":  # Gitea and Forgejo also send Gogs's and GitHub's headers
+        return {"X-Gitea-Event": event, "X-Gitea-Event-Type": event, "X-Gitea-Delivery": delivery,
+                "X-Gitea-Signature": hex256, "X-Gogs-Event": event, "X-Gogs-Delivery": delivery,
+                "X-Gogs-Signature": hex256, "X-GitHub-Event": event,
+                "X-GitHub-Delivery": delivery, "X-Hub-Signature-256": "sha256=" + hex256}
+    if forge == "gogs":
+        return {"X-Gogs-Event": event, "X-Gogs-Delivery": delivery, "X-Gogs-Signature": hex256}
+    assert forge == "gitlab"
+    return {"X-Gitlab-Event": event, "X-Gitlab-Event-UUID": delivery, "X-Gitlab-Token": secret,
+            "X-Gitlab-Instance": "https://gitlab.example.com", "User-Agent": "GitLab/17.5.1"}
+
+
+def post_delivery(d, body, headers, query="name=hook", content_type="application/json"):
+    return d.request("POST", "/task?" + query, body=body,
+                     headers={"Content-Type": content_type, **headers})
+
+
+def forge_variables(d, task_id):
+    """The TASKTRAIN_ forge variables a task's script saw, and the stdin it read."""
+    output = d.wait_status(task_id)["output"]
+    variables = dict(re.findall(r"^TASKTRAIN_(\w+)=(.*)$", output, re.M))
+    return variables, (d.root / "stdin" / task_id).read_bytes()
+
+
+def tasks_now(d):
+    return len(d.get("/tasks?format=json").json())
+
+
+def github_push_payload(after, ref="refs/heads/main"):
+    """A push payload as GitHub sends it (the shape of its docs' example): well over 8 KiB."""
+    api, web = "https://api.github.com/repos/octo-org/site", "https://github.com/octo-org/site"
+    owner = {"name": "octo-org", "email": None, "login": "octo-org", "id": 6811672,
+             "node_id": "MDEyOk9yZ2FuaXphdGlvbjY4MTE2NzI=", "type": "Organization",
+             "avatar_url": "https://avatars.githubusercontent.com/u/6811672?v=4",
+             "url": "https://api.github.com/users/octo-org", "html_url": "https://github.com/octo-org",
+             "gravatar_id": "", "site_admin": False,
+             **{f"{k}_url": f"https://api.github.com/users/octo-org/{k}{t}" for k, t in (
+                 ("followers", ""), ("following", "{/other_user}"), ("gists", "{/gist_id}"),
+                 ("starred", "{/owner}{/repo}"), ("subscriptions", ""), ("organizations", ""),
+                 ("repos", ""), ("events", "{/privacy}"), ("received_events", ""))}}
+    templates = ("forks", "keys", "collaborators{/collaborator}", "teams", "hooks",
+                 "issues/events{/number}", "events", "assignees{/user}", "branches{/branch}",
+                 "tags", "blobs{/sha}", "git/tags{/sha}", "git/refs{/sha}", "git/trees{/sha}",
+                 "statuses/{sha}", "languages", "stargazers", "contributors", "subscribers",
+                 "subscription", "commits{/sha}", "git/commits{/sha}", "comments{/number}",
+                 "issues/comments{/number}", "contents/{+path}", "compare/{base}...{head}",
+                 "merges", "{archive_format}{/ref}", "downloads", "issues{/number}",
+                 "pulls{/number}", "milestones{/number}", "notifications{?since,all,participating}",
+                 "labels{/name}", "releases{/id}", "deployments")
+    repository = {"id": 186853002, "node_id": "MDEwOlJlcG9zaXRvcnkxODY4NTMwMDI=", "name": "site",
+                  "full_name": "octo-org/site", "private": False, "owner": owner,
+                  "html_url": web, "description": "The web site", "fork": False, "url": web,
+                  **{t.split("{")[0].split("/")[0] + "_url": f"{api}/{t}" for t in templates},
+                  "created_at": 1557933565, "updated_at": "2026-11-30T14:12:01Z",
+                  "pushed_at": 1764685921, "git_url": "git://github.com/octo-org/site.git",
+                  "ssh_url": "git@github.com:octo-org/site.git",
+                  "clone_url": web + ".git", "svn_url": web, "homepage": None, "size": 1204,
+                  "stargazers_count": 3, "watchers_count": 3, "language": "Python",
+                  "has_issues": True, "has_projects": True, "has_downloads": True,
+                  "has_wiki": True, "has_pages": False, "forks_count": 0, "archived": False,
+                  "disabled": False, "open_issues_count": 2, "license": None, "forks": 0,
+                  "open_issues": 2, "watchers": 3, "default_branch": "main",
+                  "stargazers": 3, "master_branch": "main", "organization": "octo-org",
+                  "topics": ["deploy", "website"], "visibility": "public", "mirror_url": None,
+                  "allow_forking": True, "is_template": False, "has_discussions": False,
+                  "web_commit_signoff_required": False, "custom_properties": {}}
+    person = {"name": "Mona Lisa Octocat", "email": "mona@example.com", "username": "octocat"}
+    commits = [{"id": f"{i}" * 40, "tree_id": f"{i}e" * 20, "distinct": True,
+                "message": f"Fix the deploy script, step {i}\n\nLonger explanation " * 3,
+                "timestamp": "2026-12-02T14:12:01+01:00", "url": f"{web}/commit/{i * 40}",
+                "author": person, "committer": person, "added": [f"docs/step-{i}.md"],
+                "removed": [], "modified": ["deploy.sh", "README.md"]} for i in range(1, 4)]
+    payload = {"ref": ref, "before": "0" * 39 + "1", "after": after, "repository": repository,
+               "pusher": {"name": "octocat", "email": "mona@example.com"},
+               "organization": owner, "sender": owner, "created": False, "deleted": False,
+               "forced": False, "base_ref": None, "compare": f"{web}/compare/000000000001...{after[:12]}",
+               "commits": commits, "head_commit": commits[-1]}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("forge, event, payload, expected", [
+    ("github", "push", {"ref": "refs/heads/main", "after": "1" * 40},
+     {"EVENT": "push", "REF": "refs/heads/main", "COMMIT": "1" * 40}),
+    ("gitea", "push", {"ref": "refs/heads/dev", "after": "2" * 40},
+     {"EVENT": "push", "REF": "refs/heads/dev", "COMMIT": "2" * 40}),
+    ("gogs", "push", {"ref": "refs/heads/main", "after": "3" * 40},
+     {"EVENT": "push", "REF": "refs/heads/main", "COMMIT": "3" * 40}),
+    ("gitlab", "Push Hook", {"object_kind": "push", "ref": "refs/heads/main",
+                             "after": "4" * 40, "checkout_sha": "4" * 40},
+     {"EVENT": "push", "REF": "refs/heads/main", "COMMIT": "4" * 40}),
+    ("gitlab", "Tag Push Hook", {"object_kind": "tag_push", "ref": "refs/tags/v1.0",
+                                 "after": "a" * 40, "checkout_sha": "5" * 40},
+     {"EVENT": "tag_push", "REF": "refs/tags/v1.0", "COMMIT": "5" * 40}),
+    ("gitlab", "Merge Request Hook", {"object_kind": "merge_request"}, {"EVENT": "merge_request"}),
+    ("github", "release", [1, 2], {"EVENT": "release"}),
+])
+def test_a_forge_event_gives_its_scripts_event_delivery_ref_and_commit(forge_daemon, forge,
+                                                                       event, payload, expected):
+    d, delivery = forge_daemon, f"{forge}-{event}-0b7e".replace(" ", "")
+    body = json.dumps(payload).encode()
+    task_id = d.submit("hook", body=body, headers={
+        "Content-Type": "application/json", **forge_headers(forge, body, event, delivery)})
+    variables, stdin = forge_variables(d, task_id)
+    assert variables == {**expected, "DELIVERY": delivery} and stdin == body
+    fields = d.task(task_id)
+    assert {k: fields[k] for k in ("event", "delivery", "ref", "commit")} == {
+        "event": expected["EVENT"], "delivery": delivery,
+        "ref": expected.get("REF"), "commit": expected.get("COMMIT")}
+
+
+def test_a_request_without_a_forge_header_is_no_forge_event(forge_daemon):
+    body = b'{"ref": "refs/heads/main", "after": "%s"}' % (b"6" * 40)
+    task_id = forge_daemon.submit("hook", body=body, headers={
+        "Content-Type": "application/json", "X-Hub-Signature-256": "sha256=" + sign(body)})
+    variables, stdin = forge_variables(forge_daemon, task_id)
+    assert variables == {} and stdin == body  # not even the daemon's own TASKTRAIN_EVENT
+    fields = forge_daemon.task(task_id)
+    assert [fields[k] for k in ("event", "delivery", "ref", "commit")] == [None] * 4
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=utf-8",
+    "application/json",
+])
+def test_a_github_payload_over_8_kib_is_stdin_in_either_content_type(forge_daemon, content_type):
+    after = hashlib.sha1(content_type.encode()).hexdigest()
+    payload = github_push_payload(after)
+    body = payload
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        body = urllib.parse.urlencode({"payload": payload}).encode()
+    assert len(payload) > 8 * 1024 and len(body) > 8 * 1024
+    resp = post_delivery(forge_daemon, body, forge_headers("github", body, "push", "d-" + after),
+                         content_type=content_type)
+    assert resp.status == 201, resp.text
+    task_id = record_fields(resp.text)["ID"]
+    variables, stdin = forge_variables(forge_daemon, task_id)
+    assert stdin == payload  # the signature was checked over `body`, as sent
+    assert (variables["REF"], variables["COMMIT"]) == ("refs/heads/main", after)
+    assert forge_daemon.task(task_id)["params"] == {}
+
+
+def test_github_published_test_vector_signs_a_forge_event(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", "cat; echo; echo \"$TASKTRAIN_EVENT\"\n")
+    d = daemons("--secret", GITHUB_SECRET)
+    assert "sha256=" + sign(GITHUB_BODY, GITHUB_SECRET) == GITHUB_SIGNATURE
+    # Hello, World! as a form has no payload field: the body as sent is the payload.
+    headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": GITHUB_SIGNATURE,
+               "Content-Type": "application/x-www-form-urlencoded"}
+    task_id = d.submit("hook", body=GITHUB_BODY, headers=headers)
+    assert "\nHello, World!\npush\n" in d.wait_status(task_id)["output"]
+    assert d.task(task_id)["params"] == {} and d.task(task_id)["ref"] is None
+    headers["Content-Type"] = "application/json"  # the same body again: a replay
+    assert d.submit("hook", body=GITHUB_BODY, headers=headers, expect=200) == task_id
+    headers["X-Hub-Signature-256"] = GITHUB_SIGNATURE[:-1] + "f"
+    assert d.request("POST", "/task?name=hook", body=GITHUB_BODY, headers=headers).status == 401
+
+
+def test_ping_is_answered_200_once_authorized_and_queues_nothing(forge_daemon):
+    d, before = forge_daemon, tasks_now(forge_daemon)
+    body = b'{"zen": "Keep it logically awesome.", "hook_id": 7, "hook": {"events": ["push"]}}'
+    headers = forge_headers("github", body, "ping", "d-ping")
+    for name in ("hook", "pushes"):  # pushes accepts push and tag_push only: a ping all the same
+        resp = post_delivery(d, body, headers, query="name=" + name)
+        assert (resp.status, resp.text) == (
+            200, f"Ping received: this webhook can start task {name!r}; nothing queued.\n")
+    resp = post_delivery(d, body, {**headers, "Accept": "application/json"})
+    assert resp.json() == {"message": "Ping received: this webhook can start task 'hook'; "
+                                      "nothing queued."}
+    del headers["X-Hub-Signature-256"], headers["X-Hub-Signature"]
+    assert post_delivery(d, body, headers).status == 401
+    assert post_delivery(d, body, forge_headers("github", body, "ping"),
+                         query="name=nosuch").status == 404
+    assert tasks_now(d) == before
+
+
+@pytest.mark.parametrize("forge, event, status, answer", [
+    ("github", "push", 201, None),
+    ("gitlab", "Tag Push Hook", 201, None),
+    ("gitea", "release", 202, "Event 'release' ignored: {scripts}/pushes/.task.ini accepts only "
+                              "push, tag_push; nothing queued.\n"),
+    ("gitlab", "Merge Request Hook", 202, "Event 'merge_request' ignored: {scripts}/pushes/"
+                                          ".task.ini accepts only push, tag_push; nothing queued.\n"),
+    (None, None, 201, None),  # no forge event: the setting does not apply
+])
+def test_events_setting_accepts_only_the_events_it_names(forge_daemon, forge, event, status,
+                                                         answer):
+    d, before = forge_daemon, tasks_now(forge_daemon)
+    body = json.dumps({"ref": "refs/heads/main", "case": f"{forge} {event}"}).encode()
+    headers = (forge_headers(forge, body, event) if forge
+               else {"X-Hub-Signature-256": "sha256=" + sign(body)})
+    resp = post_delivery(d, body, headers, query="name=pushes")
+    assert resp.status == status, resp.text
+    if answer:
+        assert resp.text == answer.format(scripts=d.scripts)
+    assert tasks_now(d) == before + (status == 201)
+
+
+@pytest.mark.parametrize("query", [
+    "name=hook", "name=other", "name=hook&repo=/attacker.git", "name=nosuch&x=1", "", "name=!",
+])
+@pytest.mark.parametrize("forge", ["github", "gitlab"])
+def test_a_signed_body_already_accepted_is_answered_with_its_task_whatever_the_url(
+        forge_daemon, forge, query):
+    d = forge_daemon
+    body = json.dumps({"ref": "refs/heads/main", "case": [forge, query]}).encode()
+    headers = forge_headers(forge, body, "push", "d-first")
+    first = post_delivery(d, body, headers)
+    assert first.status == 201
+    task_id = record_fields(first.text)["ID"]
+    d.wait_status(task_id)  # ended: its body is dropped, the key to it is kept
+    before = tasks_now(d)
+    again = post_delivery(d, body, {**headers, "X-GitHub-Delivery": "d-again"}, query=query)
+    assert (again.status, again.headers["Location"]) == (200, "tasks/" + task_id), again.text
+    assert record_fields(again.text)["STATUS"] == "complete"
+    assert tasks_now(d) == before
+
+
+@pytest.mark.parametrize("forge, query", [
+    ("github", "name=hook&repo=/attacker.git"), ("gitlab", "name=hook&branch=main"),
+    (None, "repo=x&name=hook"),
+])
+def test_a_signed_request_may_carry_no_query_parameter_but_name(forge_daemon, forge, query):
+    d, before = forge_daemon, tasks_now(forge_daemon)
+    body = json.dumps({"ref": "refs/heads/main", "case": query}).encode()
+    headers = (forge_headers(forge, body, "push") if forge
+               else {"X-Gitea-Signature": sign(body)})
+    resp = post_delivery(d, body, headers, query=query)
+    key = re.search(r"(repo|branch)=", query).group(1)
+    assert (resp.status, resp.text) == (400, f"Query parameter {key!r} refused: a webhook "
+                                             "signature does not cover the URL, so a signed "
+                                             "request may carry only name there.\n")
+    assert tasks_now(d) == before
+
+
+def test_a_delivery_sent_again_with_the_token_runs_again_with_its_params(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", 'echo "$TASKTRAIN_EVENT $TASKTRAIN_REF $*"\n')
+    d = daemons("--secret", "hush", "--token", "tok")
+    body = b'{"ref": "refs/heads/main"}'
+    headers = {"Content-Type": "application/json", **forge_headers("github", body, "push")}
+    auth = {"Authorization": "Bearer tok"}
+    first = d.submit("hook", body=body, headers=headers)
+    wait_for(lambda: d.get(f"/tasks/{first}?format=json", headers=auth).json()["finished"])
+    assert d.submit("hook", body=body, headers=headers, expect=200) == first
+    again = d.submit("hook", body=body, headers={**headers, **auth}, branch="main")
+    log = wait_for(lambda: "exit code" in (t := d.get(f"/tasks/{again}/log", headers=auth).text)
+                   and t)
+    assert again != first and "push refs/heads/main --name=hook --branch=main" in log
+
+
+@pytest.mark.parametrize("headers, payload, status, reason", [
+    ({"X-GitHub-Event": ""}, b"{}", 400, "Bad X-GitHub-Event header: ''."),
+    ({"X-GitHub-Event": "push;rm"}, b"{}", 400, "Bad X-GitHub-Event header: 'push;rm'."),
+    ({"X-GitHub-Event": "push", "X-GitHub-Delivery": "a b"}, b"{}", 400,
+     "Bad X-GitHub-Delivery header: 'a b'."),
+    ({"X-Gitea-Event": "push"}, b'{"ref": "refs/heads/a\\u0000b"}', 400,
+     "The payload's ref is over 1024 characters or holds a control character."),
+    ({"X-Gitea-Event": "push"}, b'{"ref": "refs/heads/%s"}' % (b"x" * 1020), 400,
+     "The payload's ref is over 1024 characters or holds a control character."),
+    ({"X-Gitea-Event": "push"}, b'{"after": "\\ud800"}', 400,
+     "The payload's commit is not valid Unicode."),
+    ({"X-Gitea-Event": "push"}, b"[" * 100_000 + b"]" * 100_000, 201, None),
+    ({"X-Gitea-Event": "push"}, b'{"ref": 7, "after": null}', 201, None),
+])
+def test_forge_headers_and_payload_fields_are_checked(forge_daemon, headers, payload, status,
+                                                      reason):
+    d, before = forge_daemon, tasks_now(forge_daemon)
+    resp = post_delivery(d, payload, {**headers, "X-Gitea-Signature": sign(payload)})
+    assert resp.status == status, resp.text
+    if reason:
+        assert resp.text == reason + "\n"
+    else:
+        assert d.task(record_fields(resp.text)["ID"])["ref"] is None
+    assert tasks_now(d) == before + (status == 201)
+
+
+def test_the_store_finds_a_kept_webhook_key_also_once_its_task_has_ended(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    event = tasktrain.ForgeEvent("push", "d-1", "refs/heads/main", "1" * 40)
+    first = store.submit("hook", {}, b"{}", event=event, webhook_key="k1")
+    assert store.submit("hook", {"other": "x"}, b"[]", webhook_key="k1").task.id == first.task.id
+    claimed, synced = store.start_claiming()
+    synced()
+    store.finish(claimed.id, "complete", 0, [])
+    replayed = store.submit("other", {}, b"", webhook_key="k1")
+    assert (replayed.task.id, replayed.task.status, replayed.is_new) == (
+        first.task.id, "complete", False)
+    assert store.webhook_task("k1").task.id == first.task.id and store.webhook_task("k2") is None
+    assert (replayed.task.event, replayed.task.commit) == ("push", "1" * 40)
+    assert store.submit("hook", {}, b"{}", event=event).is_new  # no key: no replay
+    store.close()
+
+
+# The tasks table of the first release, before the forge's columns.
+FIRST_SCHEMA = """
+CREATE TABLE tasks (id TEXT PRIMARY KEY, name TEXT NOT NULL, params TEXT NOT NULL,
+    body BLOB NOT NULL, fingerprint TEXT NOT NULL, status TEXT NOT NULL,
+    created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER, exit_code INTEGER,
+    scripts TEXT NOT NULL DEFAULT '[]', pgid INTEGER);
+CREATE INDEX tasks_by_status ON tasks (status, id);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us)
+    VALUES ('5f0000000000a', 'hook', '{}', x'', 'f', 'pending', 1593835520000010);
+"""
+
+
+def test_a_state_dir_of_the_first_release_gains_the_new_columns(tmp_path, daemons):
+    add_script(tmp_path, "hook", "run", 'echo "event=${TASKTRAIN_EVENT-unset}"\n')
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "tasks.sqlite3")
+    db.executescript(FIRST_SCHEMA)
+    db.close()
+    d = daemons("--secret", "hush")
+    assert "event=unset" in d.wait_status("5f0000000000a")["output"]  # the old task runs
+    body = b'{"ref": "refs/heads/main"}'
+    task_id = d.submit("hook", body=body, headers=forge_headers("gitlab", body, "Push Hook"))
+    assert d.wait_status(task_id)["ref"] == "refs/heads/main"
+    assert d.submit("hook", body=body, headers=forge_headers("gitlab", body, "Push Hook"),
+                    expect=200) == task_id
+
+
+# ----------------------------------------------------------------------------
 # §8 Task settings
 # ----------------------------------------------------------------------------
 
