@@ -1730,9 +1730,9 @@ def forge_event(headers, body):
     payload = body
     if headers.get("Content-Type", "").split(";")[0].strip().lower() == FORM_TYPE:
         with contextlib.suppress(HTTPError):  # a body that is no form has no payload field
-            payload = dict(parse_form(body)).get("payload", body)
-        if isinstance(payload, str):
-            payload = payload.encode()
+            fields = dict(parse_form(body))
+            if "payload" in fields:
+                payload = fields["payload"].encode()
     ref, commit = payload_ref_and_commit(payload, gitlab=event_header == "X-Gitlab-Event")
     return ForgeEvent(event, delivery, ref, commit), payload
 
