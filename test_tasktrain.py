@@ -740,7 +740,9 @@ def test_json_record_has_the_contract_fields(tmp_path, daemons):
     task_id = d.submit("two", k="v")
     task = d.wait_status(task_id)
     assert set(task) == {"id", "name", "params", "status", "created", "started", "finished",
-                         "exit_code", "process", "position", "scripts", "output"}
+                         "exit_code", "process", "position", "scripts", "event", "delivery",
+                         "ref", "commit", "output"}
+    assert [task[k] for k in ("event", "delivery", "ref", "commit")] == [None] * 4  # no forge's
     assert task["params"] == {"k": "v"} and task["status"] == "failed" and task["exit_code"] == 3
     assert task["process"] == [f"{d.scripts}/two/*", "--name=two", "--k=v"]
     assert [(s["path"], s["exit_code"]) for s in task["scripts"]] == [
