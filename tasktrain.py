@@ -136,6 +136,12 @@ CANCELLED_PENDING = "Task cancelled by request: it never ran."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
 RESTARTED = ("Task Train stopped while this task was running; "
              "it was marked failed and not run again.")
+OUTPUT_LOST = ("Task Train could not write all of this task's output to its log ({}); "
+               "some of it is missing above.")
+NOT_STARTED = ("Task Train could not write this task's log ({}), so it did not start "
+               "the next script: unlogged, a start could not be told from none.")
+REQUEUED = ("Task Train stopped before this task's first script started; "
+            "it was put back at the head of the queue.")
 
 log = logging.getLogger("tasktrain")
 
@@ -443,13 +449,15 @@ class TaskStore:
         self._syncing = False   # a thread is in fsync for the others
         self._synced_changed = threading.Condition(self._lock)
         with self._lock:
-            crashed, synced = self._recover()
+            crashed, requeued, synced = self._recover()
             last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
         synced()
         for task_id in crashed:
             append_log_line(self.log_path(task_id), RESTARTED)
+        for task_id in requeued:
+            append_log_line(self.log_path(task_id), REQUEUED)
 
     @staticmethod
     def _lock_state_dir(state_dir):
@@ -479,22 +487,31 @@ class TaskStore:
         return db, os.open(path + "-wal", os.O_RDONLY | os.O_CREAT, 0o644)
 
     def _recover(self):
-        """Mark failed the tasks a dead daemon left running; returns their ids and the
-        commit's synced(). Expects _lock held.
+        """Put back at the head of the queue the tasks a dead daemon had claimed but
+        provably never started, and mark failed the others it left running; returns
+        the ids failed, the ids put back, and the commit's synced(). Expects _lock held.
 
-        Their process groups are kept for the runner to stop (`orphan_groups`) only on
-        the same boot: after a reboot a recorded group may be someone else's.
+        Proof needs the same boot: the log then holds every line written before the
+        crash (the page cache survived it), and the runner writes a script's command
+        line before starting it. Process groups are kept for the runner to stop
+        (`orphan_groups`) only on the same boot too: after a reboot a recorded group
+        may be someone else's.
         """
         crashed = self._db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
         self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
+        requeued = [task_id for task_id, pgid in crashed if same_boot and pgid is None
+                    and never_started(self.log_path(task_id))]
         with self._transaction():
+            self._db.executemany("UPDATE tasks SET status = 'pending', started_us = NULL "
+                                 "WHERE id = ?", [(task_id,) for task_id in requeued])
             self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, body = x'' "
                              "WHERE status = 'running'", (now_us(),))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
-        return [task_id for task_id, _ in crashed], self._synced_so_far()
+        failed = [task_id for task_id, _ in crashed if task_id not in requeued]
+        return failed, requeued, self._synced_so_far()
 
     def close(self):
         """Close the database and release the state dir."""
@@ -822,6 +839,20 @@ def current_boot_id():
         return None
 
 
+def never_started(log_path):
+    """Whether a task's log proves that none of its scripts began: it holds no command
+    line, nor anything else but notes that the task was put back in the queue."""
+    try:
+        with open(log_path, "rb") as f:
+            head = f.read(COPY_CHUNK_BYTES)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # unreadable: no proof
+    *lines, rest = head.split(b"\n")
+    return rest == b"" and all(line == REQUEUED.encode() for line in lines)
+
+
 def task_from_row(row):
     """A Task from a row in COLUMNS order."""
     return Task(*row)
@@ -851,9 +882,15 @@ def open_log_to_read(path):
 
 
 def append_log_line(path, line):
-    """Append one line the daemon says about a task to the task's log."""
-    with open_log_to_append(path) as f:
-        f.write(line.encode() + b"\n")
+    """Append one line the daemon says about a task to the task's log; True if it was
+    written. A full disk costs the line (the daemon's log says so), nothing else."""
+    try:
+        with open_log_to_append(path) as f:
+            f.write(line.encode() + b"\n")
+        return True
+    except OSError as e:
+        log.error("cannot write to %s: %s", path, e.strerror)
+        return False
 
 
 # ----------------------------------------------------------------------------
@@ -866,6 +903,39 @@ class Outcome(typing.NamedTuple):
     status: str                 # "pending": no script began, so the task goes back
     exit_code: "int | None" = None
     runs: tuple = ()            # one {path, exit_code, seconds} per script run
+
+
+class TaskLog:
+    """The log a running task's scripts write to. The runner's own lines go through
+    write(), which a full disk cannot make raise: the first error is kept instead,
+    for a note once there is room."""
+
+    def __init__(self, path):
+        self.file = open_log_to_append(path)
+        self.error = None   # why a write failed, the first time one did
+        self.note = None    # what the log must say about it, once it can
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+    def fileno(self):
+        """The file descriptor the scripts write to."""
+        return self.file.fileno()
+
+    def write(self, text):
+        """Append the runner's own text; False if not all of it could be written."""
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[self.file.write(data):]
+            return True
+        except OSError as e:
+            self.error = self.error or e.strerror
+            self.note = self.note or OUTPUT_LOST.format(self.error)
+            return False
 
 
 class Runner:
@@ -902,9 +972,13 @@ class Runner:
         self._shutdown = None       # (status, line) once the daemon is shutting down
         self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
-        # Runner thread only: groups whose script has exited while members it started
-        # live on. Those members are the daemon's children once orphaned where it is
-        # the reaper (PID 1 of a container), so the runner collects them as they exit.
+        self._unrecorded = None  # under _task_finished: the task whose end cannot be written
+        # Runner thread only: task id -> the line its log must still get (a full disk).
+        self._notes = {}
+        # Runner thread only: groups of the running task whose script has exited while
+        # members it started live on; they are stopped once the task's last script has
+        # exited. Those members are the daemon's children once orphaned where it is the
+        # reaper (PID 1 of a container), so the runner collects them as they exit.
         self._left_behind = set()
 
     def start(self):
@@ -936,11 +1010,14 @@ class Runner:
         if current and current[0] == task_id:
             self._begin_stop(current[1])
 
-    def wait_finished(self, task_id, timeout_s):
+    def wait_finished(self, task_id, timeout_s, or_unrecorded=False):
         """Wait until the task has finished, or will not in this daemon's life (it is
-        stopping); False if neither happened within the timeout."""
+        stopping), or, with `or_unrecorded`, has ended but its end cannot be written
+        (a full disk); False if none of that happened within the timeout."""
         with self._task_finished:
-            return self._task_finished.wait_for(lambda: self._wait_over(task_id), timeout_s)
+            return self._task_finished.wait_for(
+                lambda: or_unrecorded and self._unrecorded == task_id
+                or self._wait_over(task_id), timeout_s)
 
     def task_ended(self):
         """Wake the waits of wait_finished: a task has ended, or the daemon stops."""
@@ -986,9 +1063,10 @@ class Runner:
         if proc.returncode is None:
             signal_group(proc.pid, signal.SIGKILL)
 
-    def _await_group(self, pgid):
-        """After a stop: wait for the group's stragglers, then SIGKILL what is left."""
-        deadline = time.monotonic() + self.grace_s
+    def _await_group(self, pgid, deadline=None):
+        """After a stop: wait for the group's stragglers until `deadline` (default: the
+        grace period from now), then SIGKILL what is left."""
+        deadline = deadline or time.monotonic() + self.grace_s
         member = live_member(pgid)
         while member is not None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -1003,6 +1081,31 @@ class Runner:
             reap_group(pgid)
             if not signal_group(pgid, 0):
                 self._left_behind.discard(pgid)
+
+    def _stop_left_behind(self, out):
+        """Stop what the task's scripts left running in their groups, as a cancel
+        would, and say how many processes that was: nothing of a task outlives it."""
+        members = {pgid: live_members(pgid) for pgid in self._left_behind}
+        self._left_behind.clear()
+        members = {pgid: pids for pgid, pids in members.items() if pids}
+        if not members:
+            return
+        for pgid in members:
+            signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for pgid in members:
+            self._await_group(pgid, deadline)
+        count = sum(map(len, members.values()))
+        out.write(f"Stopped {count} process{'es' if count != 1 else ''} left running "
+                  "by this task's scripts.\n")
+
+    def _write_notes(self):
+        """Write the notes a full disk held back into their tasks' logs, if there is
+        room now; a task pruned meanwhile needs none."""
+        for task_id, line in list(self._notes.items()):
+            if self.store.status(task_id) is None or append_log_line(
+                    self.store.log_path(task_id), line):
+                del self._notes[task_id]
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
@@ -1033,7 +1136,10 @@ class Runner:
                 log.warning("task %s (%s) %s, exit code %s",
                             task.id, task.name, outcome.status, outcome.exit_code)
             claim = self._record_finish(task.id, outcome)
+            with self._task_finished:
+                self._unrecorded = None
             self.task_ended()
+            self._write_notes()
 
     def _record_finish(self, task_id, outcome):
         """Record how a task ended, and claim the next in the same commit and fsync;
@@ -1049,6 +1155,9 @@ class Runner:
                                          claim_next=not self._shutting_down.is_set())
             except sqlite3.OperationalError as e:  # a full or locked disk: worth another try
                 log.error("task %s: cannot record that it ended: %s", task_id, e)
+                with self._task_finished:  # a cancel waiting for the end learns it
+                    self._unrecorded = task_id
+                    self._task_finished.notify_all()
                 if self._shutting_down.is_set():
                     break
                 self._shutting_down.wait(STORE_RETRY_S)
@@ -1063,8 +1172,9 @@ class Runner:
         task = claim.task
         with self._lock:
             self._stops = {task.id: self._stops[task.id]} if task.id in self._stops else {}
+        self._write_notes()  # a note a full disk held back may fit by now
         try:
-            with open_log_to_append(self.store.log_path(task.id)) as out, \
+            with TaskLog(self.store.log_path(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
                 scripts, env = self._prepare(task)
                 claim.synced()  # the first script starts only once the claim is on disk
@@ -1072,7 +1182,16 @@ class Runner:
                     never_began = self._shutdown is not None and task.id not in self._stops
                 if never_began:
                     return Outcome("pending")
-                return self._run_scripts(task, scripts, env, stdin, out)
+                try:
+                    return self._run_scripts(task, scripts, env, stdin, out)
+                finally:
+                    self._stop_left_behind(out)
+                    if out.note and not out.write(out.note + "\n"):
+                        self._notes[task.id] = out.note
+        except OSError as e:  # no log, or no room for the body: no script can start
+            log.error("task %s: cannot start it: %s", task.id, e)
+            self._notes[task.id] = f"Task Train could not start this task: {e.strerror}."
+            return Outcome("failed")
         except Exception:
             log.exception("task %s: the runner failed", task.id)
             return Outcome("failed")
@@ -1090,7 +1209,7 @@ class Runner:
     def _run_scripts(self, task, scripts, env, stdin, out):
         """Run the scripts in turn until one fails or the task is stopped."""
         if not scripts:
-            out.write(MISSING_SCRIPTS.encode() + b"\n")
+            out.write(MISSING_SCRIPTS + "\n")
             return Outcome("failed", 2)
         timer = None
         if self.timeout_s:
@@ -1109,10 +1228,12 @@ class Runner:
                 if stop:
                     break
                 shown = printable(os.path.join(shown_folder, os.path.basename(path)))
-                out.write(command_line([shown] + task.args).encode() + b"\n")
+                if not out.write(command_line([shown] + task.args) + "\n"):
+                    out.note = NOT_STARTED.format(out.error)  # see never_started
+                    return Outcome("failed", None, runs)
                 exit_code, seconds, stop = self._run_script(
                     task, [path] + task.args, folder, env, stdin, out)
-                out.write(b"exit code: %d\n\n" % exit_code)
+                out.write(f"exit code: {exit_code}\n\n")
                 runs.append({"path": shown, "exit_code": exit_code, "seconds": round(seconds, 3)})
                 if exit_code != 0 or stop:
                     break
@@ -1123,7 +1244,7 @@ class Runner:
             if timer:
                 timer.cancel()
         if stop:
-            out.write(stop[1].encode() + b"\n")
+            out.write(stop[1] + "\n")
             return Outcome(stop[0], exit_code, runs)
         return Outcome("complete" if exit_code == 0 else "failed", exit_code, runs)
 
@@ -1137,7 +1258,7 @@ class Runner:
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
-            out.write(f"cannot run {argv[0]}: {why_not_run(argv[0], e)}\n".encode())
+            out.write(f"cannot run {argv[0]}: {why_not_run(argv[0], e)}\n")
             exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             return exit_code, time.monotonic() - started, None
         if self._track(task.id, proc):
@@ -1213,6 +1334,22 @@ def live_member(pgid, last=None):
         return last
     return next((pid for pid in os.listdir("/proc") if pid.isdigit() and member_runs(pid, pgid)),
                 None)
+
+
+def live_members(pgid):
+    """The processes of a group that have not exited, as live_member() counts them."""
+    reap_group(pgid)
+    if not signal_group(pgid, 0):
+        return []
+    if os.path.isdir("/proc"):
+        return [pid for pid in os.listdir("/proc") if pid.isdigit() and member_runs(pid, pgid)]
+    try:  # macOS: ps knows the zombies
+        ps = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat="], capture_output=True,
+                            text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return [str(pgid)]  # one at least: the group is there
+    return [pid for pid, group, state in (line.split()[:3] for line in ps.splitlines())
+            if int(group) == pgid and not state.startswith("Z")]
 
 
 def reap_group(pgid):
@@ -2227,14 +2364,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status = store.cancel_pending(task_id)
             if status == "running":
                 runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
-                runner.wait_finished(task_id, runner.grace_s + 5)
+                # A grace for the script's group, one for what earlier scripts left.
+                runner.wait_finished(task_id, 2 * runner.grace_s + 5, or_unrecorded=True)
                 status = store.status(task_id)
             if status == "cancelled":  # by this request, or one racing with it
                 runner.task_ended()  # for the waits of a task that was pending
                 return self.show_task(task_id)
         if status in FINISHED:  # also one whose last script exited before the stop came
             abort(409, f"Task {task_id} has already finished ({status}).")
-        self.show_task(task_id)
+        abort(503, f"Task {task_id} was told to stop, but its end is not recorded yet (the "
+                   "task store cannot be written, or its processes are slow to stop); "
+                   "try again later.",
+              {"Retry-After": str(RETRY_AFTER_S)})
 
     # -- helpers --
 

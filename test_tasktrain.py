@@ -2431,3 +2431,103 @@ def test_a_missing_interpreter_is_named_in_the_log(tmp_path, daemons):
     assert "its interpreter '/nonexistent/python9' (from its #! line) was not found" in (
         task["output"])
     assert "a Windows line ending" in d.wait_status(d.submit("dosline"))["output"]
+
+
+def test_what_a_tasks_scripts_leave_running_is_stopped_before_the_task_is_recorded(tmp_path,
+                                                                                   daemons):
+    pids = tmp_path / "go.pids"
+    add_script(tmp_path, "leave", "10-plain", f'sleep 300 & echo $! >> "{pids}"\n')
+    add_script(tmp_path, "leave", "20-stubborn",
+               f"""sh -c 'trap "" TERM; echo $$ >> "{pids}"; exec sleep 300' &\n"""
+               f'while [ "$(wc -l < "{pids}")" -lt 2 ]; do sleep 0.01; done\n')
+    d = daemons("--grace", "0.3")
+    task = d.wait_status(d.submit("leave"))
+    assert task["status"] == "complete", task["output"]
+    left = [int(pid) for pid in pids.read_text().split()]
+    assert all(gone(pid) for pid in left)  # by the time the task was recorded
+    assert task["output"].endswith(
+        "exit code: 0\n\nStopped 2 processes left running by this task's scripts.\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/random/boot_id"),
+                    reason="needs Linux's boot id")
+@pytest.mark.parametrize("log, boot, status", [
+    (None, "same", "pending"),   # claimed; the runner had not opened the log yet
+    (b"", "same", "pending"),    # the log opened, no script begun
+    ((tasktrain.REQUEUED + "\n").encode(), "same", "pending"),  # put back before
+    (b"scripts.d/example/run --name=example\n", "same", "failed"),  # it may have run
+    (b"", "another", "failed"),  # after a reboot the log may have lost its lines
+    (b"", None, "failed"),       # no boot id was recorded
+])
+def test_a_task_claimed_but_never_started_before_a_crash_goes_back_to_the_head(tmp_path, log,
+                                                                              boot, status):
+    store = tasktrain.TaskStore(str(tmp_path))
+    claimed = store.submit("example", {"i": "1"}, b"payload").task
+    later = store.submit("example", {"i": "2"}).task
+    store.start_claiming().synced()
+    if log is not None:
+        (tmp_path / "logs" / f"{claimed.id}.log").write_bytes(log)
+    store.close()  # the daemon dies: the claim is on disk, no end was written
+    if boot != "same":
+        with contextlib.closing(sqlite3.connect(tmp_path / "tasks.sqlite3")) as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'boot_id'", (boot,))
+            db.commit()
+    store = tasktrain.TaskStore(str(tmp_path))
+    assert store.status(claimed.id) == status
+    claim = store.start_claiming()
+    if status == "pending":
+        assert claim.task.id == claimed.id and claim.task.body == b"payload"
+        assert store.position(later.id) == 1
+        assert (tmp_path / "logs" / f"{claimed.id}.log").read_text().endswith(
+            tasktrain.REQUEUED + "\n")
+    else:
+        assert claim.task.id == later.id
+    store.close()
+
+
+# A script that writes past the 96 KiB that FULL_DISK lets a file grow to, and exits 0.
+FILLS_ITS_LOG = "trap '' XFSZ\nhead -c 200000 /dev/zero 2>/dev/null\nexit 0\n"
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+def test_a_full_disk_never_makes_a_success_look_like_a_failure(tmp_path, daemons):
+    add_script(tmp_path, "fill", "run", FILLS_ITS_LOG)
+    add_script(tmp_path, "quick", "run", "exit 0\n")
+    d = daemons(wrapper=FULL_DISK)
+    task = d.wait_status(d.submit("fill"))
+    assert (task["status"], task["exit_code"]) == ("complete", 0)
+    assert [run["exit_code"] for run in task["scripts"]] == [0]
+    assert "Traceback" not in d.stderr()
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    d.wait_status(d.submit("quick"))  # the next task: by then the note has room
+    assert d.log(task["id"]).endswith(
+        tasktrain.OUTPUT_LOST.format("File too large") + "\n")
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+def test_a_cancel_whose_end_cannot_be_recorded_is_a_503_not_a_200(tmp_path, daemons):
+    add_script(tmp_path, "gate", "run", "echo started\n" + UNTIL_GO)
+    d = daemons("--grace", "0.2", wrapper=FULL_DISK)
+    gate = d.submit("gate")
+    wait_for(lambda: "started" in d.log(gate))
+    with contextlib.closing(sqlite3.connect(d.state / "tasks.sqlite3")) as db:
+        # Past 96 KiB of write-ahead log, every commit of the daemon's fails.
+        db.execute("INSERT INTO meta VALUES ('ballast', ?)", ("x" * 200_000,))
+        db.commit()
+    resp = d.request("DELETE", f"/tasks/{gate}")
+    assert resp.status == 503 and resp.headers["Retry-After"], resp.text
+    assert resp.text.count("\n") == 1 and "not recorded yet" in resp.text
+    assert d.task(gate)["status"] == "running"  # as the 503 says; recorded once there is room
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+def test_a_script_whose_command_line_cannot_be_logged_is_not_started(tmp_path, daemons):
+    add_script(tmp_path, "two", "1-fill", FILLS_ITS_LOG)
+    add_script(tmp_path, "two", "2-next", 'touch "$GO.ran"\n')
+    d = daemons(wrapper=FULL_DISK)
+    task = d.wait_status(d.submit("two"))
+    # Started without its command line in the log, it could pass for never started
+    # after a crash, and run again.
+    assert (task["status"], task["exit_code"]) == ("failed", None)
+    assert [run["exit_code"] for run in task["scripts"]] == [0]
+    assert not (tmp_path / "go.ran").exists()
