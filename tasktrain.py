@@ -133,6 +133,7 @@ SETTINGS_KEYS = ("events", "supersede", "timeout")
 NOT_FOUND = "Not found"
 MISSING_SCRIPTS = "Missing scripts for this task name."
 CANCELLED_PENDING = "Task cancelled by request: it never ran."
+SUPERSEDED = "Superseded by %s."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
 RESTARTED = ("Task Train stopped while this task was running; "
              "it was marked failed and not run again.")
@@ -182,6 +183,7 @@ class Task:
     delivery: "str | None" = None   # the forge's id of that delivery
     ref: "str | None" = None        # the payload's ref
     commit: "str | None" = None     # the payload's commit (after, or GitLab's checkout_sha)
+    superseded_by: "str | None" = None  # the task that cancelled it while it was pending
     body: bytes = b""
 
     @functools.cached_property
@@ -221,6 +223,12 @@ class ForgeEvent(typing.NamedTuple):
     commit: "str | None"
 
 
+def supersede_values(params, ref, keys):
+    """What tasks that supersede each other have in common: their values for `keys`.
+    The key `ref` is a forge event's ref, or for other tasks the param `ref`."""
+    return tuple(ref if key == "ref" and ref is not None else params.get(key) for key in keys)
+
+
 class Submitted(typing.NamedTuple):
     """What TaskStore.submit answers."""
 
@@ -228,6 +236,7 @@ class Submitted(typing.NamedTuple):
     is_new: bool                # False: an identical task was pending already
     position: "int | None"      # its position in the queue when queued (1 runs next)
     synced: typing.Callable     # returns once the task is on disk: call before answering
+    superseded: tuple = ()      # the ids of the pending tasks it cancelled
 
 
 class QueueFull(Exception):
@@ -399,20 +408,21 @@ CREATE TABLE IF NOT EXISTS tasks (
     delivery    TEXT,
     ref         TEXT,
     commit_sha  TEXT,
-    webhook_sha256 TEXT             -- of the body as sent, if the webhook secret alone let it in
+    webhook_sha256 TEXT,            -- of the body as sent, if the webhook secret alone let it in
+    superseded_by TEXT              -- the id of the task that cancelled it (supersede)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 # Columns added since the first release, which a database made before them gains on open.
 ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
-                 ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"))
+                 ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"))
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
     WHERE webhook_sha256 IS NOT NULL;
 """
 COLUMNS = ("id, name, params, status, created_us, started_us, finished_us, "
-           "exit_code, scripts, event, delivery, ref, commit_sha")
+           "exit_code, scripts, event, delivery, ref, commit_sha, superseded_by")
 IS_FINISHED_SQL = "status IN (%s)" % ", ".join(f"'{status}'" for status in FINISHED)
 
 
@@ -659,7 +669,8 @@ class TaskStore:
 
     # -- the API; each call takes _lock itself --
 
-    def submit(self, name, params, body=b"", on_claimed=None, event=None, webhook_key=None):
+    def submit(self, name, params, body=b"", on_claimed=None, event=None, webhook_key=None,
+               supersede=()):
         """Write a new pending task, or find an identical one; returns a Submitted.
 
         `event` is the ForgeEvent that submitted it, if one did. Given `webhook_key`
@@ -668,6 +679,9 @@ class TaskStore:
         Given `on_claimed`, and if the runner holds no task, the oldest pending one
         (this one, mostly) is claimed in the same commit and handed over with
         `on_claimed(claim)`: one fsync then covers the answer and the start.
+
+        Given `supersede` keys, the pending tasks of the same name with the same
+        values for all of them are cancelled in the same commit (latest push wins).
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
@@ -678,26 +692,67 @@ class TaskStore:
             same = same or self._pending_fingerprints.get(fingerprint)
             if same:
                 return self._found(same)
-            if len(self._pending) >= MAX_PENDING:
+            old = self._same_keys_pending(name, params, event.ref, supersede) if supersede else []
+            if len(self._pending) - len(old) >= MAX_PENDING:  # superseding frees places
                 raise QueueFull
             us = self._next_us()
             task = Task(format_id(us), name, params_json, "pending", us, body=body,
                         event=event.event, delivery=event.delivery, ref=event.ref,
                         commit=event.commit)
-            with self._transaction():
+            with self._superseded_lines([task_id for task_id, _ in old], task.id), \
+                    self._transaction():
                 self._db.execute(
                     "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us, "
                     "event, delivery, ref, commit_sha, webhook_sha256) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                     (task.id, name, params_json, body, fingerprint, us, *event, webhook_key))
+                pruned = []
+                for old_id, old_fingerprint in old:
+                    self._forget_pending(old_id, old_fingerprint)
+                    self._db.execute("UPDATE tasks SET superseded_by = ? WHERE id = ?",
+                                     (task.id, old_id))
+                    pruned += self._finish(old_id, "cancelled")
                 self._pending.append(task.id)
                 self._pending_fingerprints[fingerprint] = task.id
                 position = len(self._pending)
                 claimed = self._claim() if on_claimed else None
             synced = self._synced_so_far()
+        self._delete_logs(pruned)
         if claimed:
             on_claimed(Claim(claimed, synced))
-        return Submitted(task, True, position, synced)
+        return Submitted(task, True, position, synced, tuple(task_id for task_id, _ in old))
+
+    def _same_keys_pending(self, name, params, ref, keys):
+        """(id, fingerprint) of the pending tasks of `name` whose values for `keys` are
+        those of `params` and `ref` (a key absent from both counts as the same).
+        Expects _lock held. A task claimed for the runner is running, so never among them."""
+        values = supersede_values(params, ref, keys)
+        rows = self._db.execute("SELECT id, params, ref, fingerprint FROM tasks "
+                                "WHERE status = 'pending' AND name = ? ORDER BY id", (name,))
+        return [(task_id, fingerprint) for task_id, params_json, old_ref, fingerprint in rows
+                if supersede_values(json.loads(params_json), old_ref, keys) == values]
+
+    @contextlib.contextmanager
+    def _superseded_lines(self, task_ids, new_id):
+        """Write `Superseded by NEW_ID.` to each log before the commit that cancels the
+        tasks, so that a follower who sees one cancelled finds the line; if the commit
+        fails, the logs are cut back. Expects _lock held."""
+        sizes = {}
+        for task_id in task_ids:
+            path = self.log_path(task_id)
+            with contextlib.suppress(FileNotFoundError):
+                sizes[task_id] = os.path.getsize(path)
+            append_log_line(path, SUPERSEDED % new_id)
+        try:
+            yield
+        except BaseException:
+            for task_id in task_ids:
+                with contextlib.suppress(OSError):
+                    if task_id in sizes:
+                        os.truncate(self.log_path(task_id), sizes[task_id])
+                    else:
+                        os.unlink(self.log_path(task_id))
+            raise
 
     def webhook_task(self, webhook_key):
         """The kept task (finished ones too) submitted with this webhook key (the sha256
@@ -1206,15 +1261,29 @@ class Runner:
                 env[key.encode()] = value.encode()
         return list_scripts(os.path.join(self.scripts_dir, task.name)), env
 
+    def _timeout(self, task):
+        """The task's time limit in seconds (0: none), read from its settings as it
+        starts, else --timeout; and the line saying why its settings cannot be used."""
+        folder = os.path.join(self.scripts_dir, task.name)
+        try:
+            settings = read_task_settings(folder, task_folder(task, self.shown_scripts_dir))
+        except SettingsError as e:
+            return self.timeout_s, f"{e} The task was not run."
+        return (self.timeout_s if settings.timeout_s is None else settings.timeout_s), None
+
     def _run_scripts(self, task, scripts, env, stdin, out):
         """Run the scripts in turn until one fails or the task is stopped."""
         if not scripts:
             out.write(MISSING_SCRIPTS + "\n")
             return Outcome("failed", 2)
+        timeout_s, problem = self._timeout(task)
+        if problem:
+            out.write(problem + "\n")
+            return Outcome("failed", 2)
         timer = None
-        if self.timeout_s:
-            timer = threading.Timer(self.timeout_s, self.stop, (
-                task.id, "failed", f"Timed out after {self.timeout_s:g} s."))
+        if timeout_s:
+            timer = threading.Timer(timeout_s, self.stop, (
+                task.id, "failed", f"Timed out after {timeout_s:g} s."))
             timer.daemon = True
             timer.start()
         folder = os.path.join(self.scripts_dir, task.name)
@@ -1454,6 +1523,7 @@ def task_fields(task, shown_scripts_dir, position=None):
         "delivery": task.delivery,
         "ref": task.ref,
         "commit": task.commit,
+        "superseded_by": task.superseded_by,
     }
 
 
@@ -2228,7 +2298,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             submitted = self.server.store.submit(
                 name, params, body, on_claimed=self.server.runner.hand_over, event=event,
-                webhook_key=webhook_key)
+                webhook_key=webhook_key, supersede=settings.supersede)
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
@@ -2248,7 +2318,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
-    def _send_submitted(self, task, is_new, position, synced):
+    def _send_submitted(self, task, is_new, position, synced, superseded=()):
         """Answer a submission with the task's record, once the task is on disk."""
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
@@ -2257,6 +2327,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content_type = TEXT
             record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
         synced()  # a 2xx promises the task is on disk
+        if superseded:
+            self.server.runner.task_ended()  # for the waits of the tasks it cancelled
         wait_s = self._preferred_wait()
         if wait_s is not None:
             self._show_outcome(task.id, wait_s, {"Location": "tasks/" + task.id})

@@ -741,7 +741,7 @@ def test_json_record_has_the_contract_fields(tmp_path, daemons):
     task = d.wait_status(task_id)
     assert set(task) == {"id", "name", "params", "status", "created", "started", "finished",
                          "exit_code", "process", "position", "scripts", "event", "delivery",
-                         "ref", "commit", "output"}
+                         "ref", "commit", "superseded_by", "output"}
     assert [task[k] for k in ("event", "delivery", "ref", "commit")] == [None] * 4  # no forge's
     assert task["params"] == {"k": "v"} and task["status"] == "failed" and task["exit_code"] == 3
     assert task["process"] == [f"{d.scripts}/two/*", "--name=two", "--k=v"]
@@ -2084,6 +2084,190 @@ def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     d.submit("deploy")
 
 
+def test_timeout_setting_overrides_the_daemons_and_is_read_as_the_task_starts(tmp_path, daemons):
+    add_script(tmp_path, "patient", "run", "sleep 0.5; echo done\n")
+    (tmp_path / "scripts.d" / "patient" / ".task.ini").write_text("[task]\ntimeout = 0\n")
+    add_script(tmp_path, "strict", "run", "sleep 30\n")
+    d = daemons("--timeout", "0.3", "--grace", "0.2")
+    patient, strict = d.submit("patient"), d.submit("strict")
+    (tmp_path / "scripts.d" / "strict" / ".task.ini").write_text("[task]\ntimeout = 0.1\n")
+    assert d.wait_status(patient)["status"] == "complete"
+    task = d.wait_status(strict)
+    assert task["status"] == "failed" and "Timed out after 0.1 s." in task["output"]
+
+
+def test_settings_that_break_before_the_task_starts_fail_it_saying_why(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    add_script(tmp_path, "deploy", "run", "echo ran\n")
+    d = daemons()
+    d.submit("block")
+    task_id = d.submit("deploy")
+    (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\ntimeout = soon\n")
+    (tmp_path / "go").touch()
+    task = d.wait_status(task_id)
+    assert (task["status"], task["exit_code"], task["output"]) == ("failed", 2, (
+        f"{d.scripts}/deploy/.task.ini: timeout = 'soon' is not a number of seconds "
+        "(0 or more). The task was not run.\n"))
+
+
+def test_a_new_task_supersedes_the_pending_ones_with_the_same_keys(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", UNTIL_GO + 'echo "$@" >> "$GO.ran"\n')
+    (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\nsupersede = branch\n")
+    d = daemons()
+    running = d.submit("deploy", branch="main", n="1")
+    wait_for(lambda: d.task(running)["status"] == "running")
+    old = d.submit("deploy", branch="main", n="2")
+    other = d.submit("deploy", branch="dev", n="3")
+    no_branch = d.submit("deploy", n="4")
+    new = d.submit("deploy", branch="main", n="5")
+    assert d.task(old)["status"] == "cancelled" and d.task(old)["superseded_by"] == new
+    assert d.log(old) == f"Superseded by {new}.\n"
+    assert d.task(running)["status"] == "running"  # a running task is never touched
+    assert [d.task(i)["position"] for i in (other, no_branch, new)] == [1, 2, 3]
+    newer = d.submit("deploy", n="6")  # no branch either: the same (absent) value
+    assert d.task(no_branch)["superseded_by"] == newer
+    (tmp_path / "go").touch()
+    for task_id in (running, other, new, newer):
+        assert d.wait_status(task_id)["status"] == "complete"
+    assert (tmp_path / "go.ran").read_text() == (
+        "--name=deploy --branch=main --n=1\n--name=deploy --branch=dev --n=3\n"
+        "--name=deploy --branch=main --n=5\n--name=deploy --n=6\n")
+    assert d.task(other)["superseded_by"] is None
+
+
+def test_supersede_ref_keys_forge_pushes_by_their_ref(tmp_path, daemons):
+    add_script(tmp_path, "site", "run", UNTIL_GO)
+    (tmp_path / "scripts.d" / "site" / ".task.ini").write_text("[task]\nsupersede = ref\n")
+    d = daemons("--secret", "hush")
+
+    def push(ref, after):
+        body = json.dumps({"ref": ref, "after": after}).encode()
+        resp = post_delivery(d, body, forge_headers("github", body, "push", delivery=after),
+                             query="name=site")
+        assert resp.status == 201, resp.text
+        return record_fields(resp.text)["ID"]
+
+    running = push("refs/heads/main", "a1")
+    wait_for(lambda: d.task(running)["status"] == "running")
+    old, dev, new = (push("refs/heads/main", "a2"), push("refs/heads/dev", "b1"),
+                     push("refs/heads/main", "a3"))
+    assert [d.task(i)["superseded_by"] for i in (running, old, dev, new)] == [
+        None, new, None, None]
+    assert d.task(running)["status"] == "running" and d.task(dev)["position"] == 1
+    (tmp_path / "go").touch()
+
+
+@pytest.mark.parametrize("old, new, superseded", [
+    ({"branch": "main", "env": "prod", "sha": "1"}, {"branch": "main", "env": "prod", "sha": "2"},
+     True),
+    ({"branch": "main", "env": "prod"}, {"branch": "main", "env": "test"}, False),
+    ({"branch": "main"}, {"branch": "main", "env": "prod"}, False),
+    ({"sha": "1"}, {"sha": "2"}, True),
+    ({"branch": "Main", "env": "prod"}, {"branch": "main", "env": "prod"}, False),
+])
+def test_supersede_needs_the_same_values_for_every_key(tmp_path, old, new, superseded):
+    store = tasktrain.TaskStore(str(tmp_path))
+    keys = ("branch", "env")
+    first = store.submit("deploy", old, supersede=keys).task
+    second = store.submit("deploy", new, supersede=keys)
+    assert second.superseded == ((first.id,) if superseded else ())
+    assert store.status(first.id) == ("cancelled" if superseded else "pending")
+    assert store.get(first.id).superseded_by == (second.task.id if superseded else None)
+    assert store.submit("other", old, supersede=keys).superseded == ()  # only the same name
+    store.close()
+
+
+def test_an_identical_pending_submission_answers_it_and_supersedes_nothing(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    first = store.submit("deploy", {"branch": "main"}, supersede=("branch",))
+    again = store.submit("deploy", {"branch": "main"}, supersede=("branch",))
+    assert (again.is_new, again.task.id, again.superseded) == (False, first.task.id, ())
+    assert store.status(first.task.id) == "pending" and store.pending_count() == 1
+    store.close()
+
+
+def test_superseding_frees_places_under_the_pending_limit(tmp_path):
+    tasktrain.TaskStore(str(tmp_path)).close()
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    base_us = time.time_ns() // 1000 - 10**7
+    db.executemany(
+        "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+        "VALUES (?, 'deploy', ?, x'', ?, 'pending', ?)",
+        [(tasktrain.format_id(base_us + i), json.dumps({"branch": str(i)}), str(i), base_us + i)
+         for i in range(tasktrain.MAX_PENDING)])
+    db.commit()
+    db.close()
+    store = tasktrain.TaskStore(str(tmp_path))
+    with pytest.raises(tasktrain.QueueFull):
+        store.submit("deploy", {"branch": "new"}, supersede=("branch",))
+    replaced = store.submit("deploy", {"branch": "7", "sha": "2"}, supersede=("branch",))
+    assert len(replaced.superseded) == 1 and store.pending_count() == tasktrain.MAX_PENDING
+    store.close()
+
+
+def test_a_failed_commit_supersedes_nothing_and_takes_back_the_log_line(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    first = store.submit("deploy", {"branch": "main"}, supersede=("branch",)).task
+    with store_refuses_status(tmp_path, "cancelled"), pytest.raises(sqlite3.IntegrityError):
+        store.submit("deploy", {"branch": "main", "sha": "2"}, supersede=("branch",))
+    assert store.status(first.id) == "pending" and store.pending_count() == 1
+    assert not os.path.exists(store.log_path(first.id))
+    assert [t.id for t in store.newest_page(None, 10)[0]] == [first.id]
+    store.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_follower_and_a_waiter_of_a_superseded_task_see_its_end(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", UNTIL_GO)
+    (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\nsupersede = branch\n")
+    d = daemons()
+    d.submit("deploy", branch="dev")
+    old = d.submit("deploy", branch="main", n="1")
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
+    conn.request("GET", f"/tasks/{old}/log?follow=1")
+    follow = conn.getresponse()
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(waiting(d, "GET", f"/tasks/{old}", 60)))
+    start_requests(d, [waiter], kept_open=1)  # the follow
+    new = d.submit("deploy", branch="main", n="2")
+    assert follow.read().decode() == f"Superseded by {new}.\n"  # and the stream has ended
+    waiter.join(DEADLINE_S)
+    (resp, took), = answers
+    assert resp.status == 424 and took < 5 and f"Superseded by {new}." in resp.text
+    (tmp_path / "go").touch()
+
+
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE tasks (id TEXT PRIMARY KEY, name TEXT NOT NULL, params TEXT NOT NULL,
+    body BLOB NOT NULL, fingerprint TEXT NOT NULL, status TEXT NOT NULL,
+    created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER, exit_code INTEGER,
+    scripts TEXT NOT NULL DEFAULT '[]', pgid INTEGER);
+CREATE INDEX tasks_by_status ON tasks (status, id);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+def test_a_database_from_before_a_column_gains_it_on_open(tmp_path):
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    db.executescript(FIRST_RELEASE_SCHEMA)
+    db.execute("INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+               "VALUES ('6b0b5dbc912f0', 'deploy', '{}', x'', 'f', 'pending', 1)")
+    db.commit()
+    assert "superseded_by" not in {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    db.close()
+    store = tasktrain.TaskStore(str(tmp_path))
+    store.close()
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    db.close()
+    assert {column for column, _ in tasktrain.ADDED_COLUMNS} <= columns
+    store = tasktrain.TaskStore(str(tmp_path))
+    assert store.get("6b0b5dbc912f0").superseded_by is None
+    assert store.submit("deploy", {"x": "1"}, supersede=("branch",)).superseded == (
+        "6b0b5dbc912f0",)
+    store.close()
+
+
 # ----------------------------------------------------------------------------
 # §9 Waiting for the outcome, and the command-line client
 # ----------------------------------------------------------------------------
@@ -2101,12 +2285,14 @@ def connection_threads(d):
     return len(os.listdir(f"/proc/{d.proc.pid}/task")) - 3
 
 
-def start_requests(d, threads):
-    """Start threads that send one request each; return once the daemon serves them."""
-    wait_for(lambda: connection_threads(d) == 0, message="earlier connections never closed")
+def start_requests(d, threads, kept_open=0):
+    """Start threads that send one request each; return once the daemon serves them.
+    `kept_open`: connections the test holds open meanwhile."""
+    wait_for(lambda: connection_threads(d) == kept_open,
+             message="earlier connections never closed")
     for thread in threads:
         thread.start()
-    wait_for(lambda: connection_threads(d) == len(threads),
+    wait_for(lambda: connection_threads(d) == kept_open + len(threads),
              message="the requests never reached the daemon")
 
 
