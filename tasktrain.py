@@ -130,6 +130,7 @@ JSON = "application/json; charset=utf-8"
 OUTCOME_STATUS = {"complete": 200, "failed": 424, "cancelled": 424}
 
 SETTINGS_FILE = ".task.ini"
+ON_FINISH = ".on-finish"  # run after every task of its folder that started
 SETTINGS_KEYS = ("events", "supersede", "timeout")
 NOT_FOUND = "Not found"
 MISSING_SCRIPTS = "Missing scripts for this task name."
@@ -1016,8 +1017,9 @@ class Runner:
         self.env = {os.fsencode(k): os.fsencode(v)
                     for k, v in os.environ.items() if k not in SECRET_ENV + FORGE_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
-        # Hold _lock whenever reading or changing _stops, _process or _shutdown: the
-        # runner, handler threads (cancel) and timer threads (timeout) all do. _stops
+        # Hold _lock whenever reading or changing _stops, _process, _shutdown,
+        # _stop_deadline or _finishing: the runner, handler threads (cancel) and timer
+        # threads (timeout) all do. _stops
         # maps a task id to the stop asked for it, (status, line for the log); the
         # first one asked wins. As the runner begins a task it drops every other
         # task's entry: a stop that came after its task's last script is too late to
@@ -1026,6 +1028,8 @@ class Runner:
         self._stops = {}
         self._process = None        # (task id, Popen) of the script running now
         self._shutdown = None       # (status, line) once the daemon is shutting down
+        self._stop_deadline = None  # set with _shutdown: when a running .on-finish is killed
+        self._finishing = None      # the Popen of the .on-finish running now
         self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
         self._unrecorded = None  # under _task_finished: the task whose end cannot be written
@@ -1049,8 +1053,11 @@ class Runner:
         """Stop the running task (if any), run no other, and wait for the thread."""
         with self._lock:
             self._shutdown = ("failed", line)
-            current = self._process
+            self._stop_deadline = time.monotonic() + self.grace_s
+            current, finishing = self._process, self._finishing
         self._shutting_down.set()
+        if finishing:
+            self._kill_later(finishing, self.grace_s)
         self.task_ended()  # waits for pending tasks end now; for the running one, once it has
         if current:
             self._begin_stop(current[1])
@@ -1238,10 +1245,13 @@ class Runner:
                     never_began = self._shutdown is not None and task.id not in self._stops
                 if never_began:
                     return Outcome("pending")
+                outcome = Outcome("failed")
                 try:
-                    return self._run_scripts(task, scripts, env, stdin, out)
+                    outcome = self._run_scripts(task, scripts, env, stdin, out)
+                    return outcome
                 finally:
                     self._stop_left_behind(out)
+                    self._run_on_finish(task, outcome, env, stdin, out)
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
@@ -1345,6 +1355,70 @@ class Runner:
         # A script killed by signal N exits 128 + N, as a shell reports it.
         exit_code = returncode if returncode >= 0 else 128 - returncode
         return exit_code, time.monotonic() - started, stop
+
+
+    # -- after a task: .on-finish --
+
+    def _run_on_finish(self, task, outcome, env, stdin, out):
+        """Run the task's .on-finish, if it has one, once its scripts are done: told
+        how the task ended, it cannot change that. Bounded by the task's timeout; at
+        a stop, by what is left of --grace, so that a stop takes no longer for it."""
+        path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return
+        exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
+        shown = os.path.join(task_folder(task, self.shown_scripts_dir), ON_FINISH)
+        out.write(f"on-finish (task {outcome.status}, exit code {exit_code or 'none'}): "
+                  + command_line([shown] + task.args) + "\n")
+        with self._lock:
+            deadline = self._stop_deadline
+        if deadline is not None and deadline <= time.monotonic():
+            out.write("not run: Task Train is stopping, and --grace has run out.\n\n")
+            return
+        env = {**env, b"TASKTRAIN_STATUS": outcome.status.encode(),
+               b"TASKTRAIN_EXIT_CODE": exit_code.encode()}
+        if not isinstance(stdin, int):
+            stdin.seek(0)
+        try:
+            proc = subprocess.Popen([path] + task.args, cwd=os.path.dirname(path), env=env,
+                                    stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as e:
+            out.write(f"cannot run {shown}: {why_not_run(path, e)}\n\n")
+            return
+        with self._lock:
+            self._finishing, deadline = proc, self._stop_deadline
+        if deadline is not None:  # a stop came after the check above
+            self._kill_later(proc, deadline - time.monotonic())
+        timeout_s, timed_out = self._timeout(task)[0], threading.Event()
+        timer = None
+        if timeout_s:
+            timer = threading.Timer(timeout_s, self._time_out, (proc, timed_out))
+            timer.daemon = True
+            timer.start()
+        returncode = proc.wait()
+        if timer:
+            timer.cancel()
+        with self._lock:
+            self._finishing = None
+        if signal_group(proc.pid, 0):
+            self._left_behind.add(proc.pid)
+            self._stop_left_behind(out)
+        out.write(f"exit code: {returncode if returncode >= 0 else 128 - returncode}\n")
+        if timed_out.is_set():
+            out.write(f"on-finish timed out after {timeout_s:g} s.\n")
+        out.write("\n")
+
+    def _time_out(self, proc, timed_out):
+        """Stop an .on-finish that ran past the task's timeout."""
+        timed_out.set()
+        self._begin_stop(proc)
+
+    def _kill_later(self, proc, seconds):
+        """SIGKILL a process's group in `seconds` if its leader is still unreaped."""
+        killer = threading.Timer(max(0.0, seconds), self._kill_unreaped, (proc,))
+        killer.daemon = True
+        killer.start()
 
 
 @contextlib.contextmanager

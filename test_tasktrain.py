@@ -2277,6 +2277,101 @@ def test_a_database_from_before_a_column_gains_it_on_open(tmp_path):
     store.close()
 
 
+# A .on-finish that says what it was told, and notes in $GO.order when it ran.
+ON_FINISH = ('echo "status=$TASKTRAIN_STATUS code=$TASKTRAIN_EXIT_CODE id=$TASKTRAIN_TASK_ID '
+             'args=$* stdin=$(cat)"\necho "finish $TASKTRAIN_TASK_ID" >> "$GO.order"\n')
+RUN_NOTED = 'echo "run $TASKTRAIN_TASK_ID" >> "$GO.order"\n'
+
+
+@pytest.fixture(scope="module")
+def finish_daemon(tmp_path_factory):
+    """One daemon whose tasks each have a .on-finish: good, bad, slow (times out),
+    held (waits for $GO, to be cancelled), stuck (its .on-finish hangs)."""
+    root = tmp_path_factory.mktemp("finish")
+    for task, script in (("good", "exit 0\n"), ("bad", "exit 3\n"), ("slow", "sleep 30\n"),
+                         ("held", "echo started\n" + UNTIL_GO), ("stuck", "exit 0\n")):
+        add_script(root, task, "run", RUN_NOTED + script)
+        add_script(root, task, ".on-finish", ON_FINISH + ("exit 5\n" if task == "good" else ""))
+    add_script(root, "stuck", ".on-finish", "echo started; sleep 30\n")
+    for task in ("slow", "stuck"):
+        (root / "scripts.d" / task / ".task.ini").write_text("[task]\ntimeout = 0.2\n")
+    d = Daemon(root, "--grace", "0.2", env={"GO": str(root / "go")})
+    yield d
+    d.stop()
+
+
+@pytest.mark.parametrize("task, status, code", [
+    ("good", "complete", "0"),     # its .on-finish exits 5: the task stays complete
+    ("bad", "failed", "3"),
+    ("slow", "failed", "143"),     # timed out
+    ("held", "cancelled", "143"),  # cancelled while running
+])
+def test_on_finish_runs_after_every_started_task_whatever_its_end(finish_daemon, task,
+                                                                  status, code):
+    d = finish_daemon
+    task_id = d.submit(task, body=b"the body", headers={"Content-Type": "text/plain"}, k="v")
+    if task == "held":
+        wait_for(lambda: "started" in d.log(task_id))
+        assert d.request("DELETE", f"/tasks/{task_id}").status == 200
+    record = d.wait_status(task_id)
+    assert record["status"] == status and record["exit_code"] == int(code)
+    head, _, tail = record["output"].partition(
+        f"on-finish (task {status}, exit code {code}): {d.scripts}/{task}/.on-finish "
+        f"--name={task} --k=v\n")
+    assert head and tail == (f"status={status} code={code} id={task_id} args=--name={task} "
+                             f"--k=v stdin=the body\nexit code: {5 if task == 'good' else 0}\n\n")
+
+
+def test_on_finish_runs_before_the_next_task_starts(finish_daemon):
+    d = finish_daemon
+    first, second = d.submit("good", n="1"), d.submit("bad", n="2")
+    d.wait_status(second)
+    order = [line for line in (d.root / "go.order").read_text().splitlines()
+             if line.split()[1] in (first, second)]
+    assert order == [f"run {first}", f"finish {first}", f"run {second}", f"finish {second}"]
+
+
+def test_on_finish_is_bounded_by_the_tasks_timeout(finish_daemon):
+    record = finish_daemon.wait_status(finish_daemon.submit("stuck"))
+    assert record["status"] == "complete"
+    assert record["output"].endswith(
+        "started\nexit code: 143\non-finish timed out after 0.2 s.\n\n")
+
+
+def test_a_cancel_while_on_finish_runs_leaves_the_task_as_it_ended(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", "exit 0\n")
+    add_script(tmp_path, "deploy", ".on-finish", "echo reporting\n" + UNTIL_GO + "echo reported\n")
+    d = daemons()
+    task_id = d.submit("deploy")
+    wait_for(lambda: "reporting" in d.log(task_id))
+    answers = []
+    cancel = threading.Thread(target=lambda: answers.append(d.request("DELETE", f"/tasks/{task_id}")))
+    cancel.start()
+    (tmp_path / "go").touch()
+    cancel.join(DEADLINE_S)
+    assert answers[0].status == 409 and "already finished (complete)" in answers[0].text
+    assert d.log(task_id).endswith("reporting\nreported\nexit code: 0\n\n")
+
+
+@pytest.mark.parametrize("during, script, ended", [
+    ("scripts", "echo started; sleep 30\n", "task failed, exit code 143"),
+    ("on-finish", "exit 0\n", "task complete, exit code 0"),
+])
+def test_a_stop_still_runs_on_finish_within_the_grace(tmp_path, daemons, during, script, ended):
+    add_script(tmp_path, "deploy", "run", script)
+    add_script(tmp_path, "deploy", ".on-finish",
+               'echo "reporting $TASKTRAIN_STATUS"; trap "" TERM; sleep 30\n')
+    d = daemons("--grace", "0.5")
+    task_id = d.submit("deploy")
+    wait_for(lambda: ("started" if during == "scripts" else "reporting") in d.log(task_id))
+    started = time.monotonic()
+    assert d.signal(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 3  # the grace bounds the scripts and .on-finish both
+    output = (d.state / "logs" / f"{task_id}.log").read_text()
+    assert f"on-finish ({ended}): " in output
+    assert output.endswith(f"reporting {ended.split()[1].rstrip(',')}\nexit code: 137\n\n")
+
+
 # ----------------------------------------------------------------------------
 # §9 Waiting for the outcome, and the command-line client
 # ----------------------------------------------------------------------------
