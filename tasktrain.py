@@ -38,6 +38,7 @@ import hmac
 import html
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -76,10 +77,15 @@ EVENT_RE = re.compile(r"[a-z0-9_]{1,64}")
 MAX_PARAMS = 100
 MAX_VALUE_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
+# Bodies held at once by all requests together: 300 connections with a fake signature
+# and 1 MiB each took the daemon from 30 MB to 350 MB when only each one was bounded.
+MAX_BODIES_HELD_BYTES = 4 * 1024 * 1024
+BODIES_RETRY_AFTER_S = 5
 MAX_PENDING = 10_000
 RETRY_AFTER_S = 30
 MAX_WAIT_S = 3600  # the longest `Prefer: wait=N` honoured
 IDLE_TIMEOUT_S = 30
+HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each line
 FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to record a task's end
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
@@ -2072,6 +2078,69 @@ def same_secret(given, expected):
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+class HeadDeadline(io.RawIOBase):
+    """The raw reader under a connection's buffer, keeping one deadline while a request
+    head arrives: the socket's timeout alone bounds each wait for data, so a client
+    sending a header line every few seconds would never be dropped."""
+
+    def __init__(self, raw, sock):
+        super().__init__()
+        self._raw = raw
+        self._sock = sock
+        self._deadline = None  # monotonic time by which the head must be in; None: no limit
+        self._moved = False    # the socket's timeout was changed for the deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        """Read what has come, waiting no longer than the deadline if one is set."""
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head took too long")
+            self._sock.settimeout(left)
+            self._moved = True
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        self._raw.close()
+        super().close()
+
+    def expect_head(self, timeout_s):
+        """A request head is next: it must be in within `timeout_s`."""
+        self._deadline = time.monotonic() + timeout_s
+
+    def head_done(self, timeout_s):
+        """The head is in: each wait for data is bounded by `timeout_s` again."""
+        self._deadline = None
+        if self._moved:
+            self._sock.settimeout(timeout_s)
+            self._moved = False
+
+
+class ByteBudget:
+    """Bytes that all requests together may hold at once (their bodies)."""
+
+    def __init__(self, total):
+        self.total = total
+        self._lock = threading.Lock()
+        self._held = 0  # hold _lock to change it; never above total
+
+    def reserve(self, n):
+        """Take `n` bytes of the budget; False, taking none, if they are not left."""
+        with self._lock:
+            if self._held + n > self.total:
+                return False
+            self._held += n
+            return True
+
+    def release(self, n):
+        """Give back `n` bytes taken with reserve()."""
+        with self._lock:
+            self._held -= n
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Parse, authorize, call the store, render, send: nothing more."""
 
@@ -2079,6 +2148,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "TaskTrain/" + __version__
     # A client that stalls for this long is dropped; each has its own thread.
     timeout = IDLE_TIMEOUT_S
+    # A request head not in by then is dropped, however steadily it trickles in.
+    head_timeout = HEAD_TIMEOUT_S
     # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
     # buffered write per response (flushed at the end of _dispatch) sends it in one packet.
     disable_nagle_algorithm = True
@@ -2094,6 +2165,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- dispatch --
 
+    def setup(self):
+        """The base class's streams; reading the request head keeps to a deadline."""
+        super().setup()
+        self.head_deadline = HeadDeadline(self.rfile.detach(), self.connection)
+        self.rfile = io.BufferedReader(self.head_deadline)
+
     def handle_one_request(self):
         """Answer one request; every per-request field is set here first, so that
         nothing of a keep-alive connection's previous request survives into it."""
@@ -2104,10 +2181,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_pending = False   # a body is declared and not yet read
         self.needs_signature = False
         self.sent = False           # the answer has begun
+        self.body_reserved = 0      # bytes of the server's body budget this request holds
+        self.head_deadline.expect_head(self.head_timeout)
         super().handle_one_request()
 
     def _dispatch(self):
         """Route, authorize and answer one request; errors become one-line answers."""
+        self.head_deadline.head_done(self.timeout)
         self.body_length = self._declared_length()
         self.body_pending = self.body_length != 0
         self.sent = False
@@ -2151,6 +2231,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 if not self.sent:
                     self._send_reason(500, "Internal error; the daemon's log says more.")
+            finally:
+                self.server.body_budget.release(self.body_reserved)
             with contextlib.suppress(*CLIENT_GONE):
                 self.wfile.flush()  # here, so that the answer has left when the count drops
 
@@ -2184,6 +2266,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad Content-Length.")
         if length > MAX_BODY_BYTES:
             abort(413, f"Body too large: at most {MAX_BODY_BYTES} bytes.")
+        if not self.server.body_budget.reserve(length):  # before a byte of it is read
+            abort(503, "Too many request bodies are arriving at once; try again in a "
+                       "few seconds.", {"Retry-After": str(BODIES_RETRY_AFTER_S)})
+        self.body_reserved = length
         if (self.headers.get("Expect", "").lower() == "100-continue"
                 and self.request_version != "HTTP/1.0"):
             self.send_response_only(100)
@@ -2664,6 +2750,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         # Host names besides loopback ones that reach this daemon: --host, --allow-host.
         self.allowed_hosts = frozenset(host_name(h) for h in (address[0], *allowed_hosts))
         self.request_counter = itertools.count(1)
+        self.body_budget = ByteBudget(MAX_BODIES_HELD_BYTES)
         # Set once the runner has stopped: follow streams then send what is left of
         # their log, and end the answer properly instead of being cut off at exit.
         self.shutting_down = threading.Event()

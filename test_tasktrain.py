@@ -2821,3 +2821,67 @@ def test_a_script_whose_command_line_cannot_be_logged_is_not_started(tmp_path, d
     assert (task["status"], task["exit_code"]) == ("failed", None)
     assert [run["exit_code"] for run in task["scripts"]] == [0]
     assert not (tmp_path / "go.ran").exists()
+
+
+@pytest.mark.parametrize("options, headers, answer", [
+    ((), b"", b"201"),
+    (("--secret", "hush"), b"X-Hub-Signature-256: sha256=" + b"0" * 64 + b"\r\n", b"401"),
+], ids=["unsigned", "fake-signature"])
+def test_request_bodies_held_at_once_are_bounded_in_total(tmp_path, daemons, options, headers,
+                                                          answer):
+    add_script(tmp_path, "hook", "run", "exit 0\n")
+    d = daemons(*options)
+    size = tasktrain.MAX_BODY_BYTES
+    head = (b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n" % size
+            + headers + b"\r\n")
+
+    def send_head():
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=DEADLINE_S)
+        s.sendall(head)
+        return s
+
+    held = []
+    try:
+        for _ in range(tasktrain.MAX_BODIES_HELD_BYTES // size):
+            held.append(send_head())  # "100 Continue": its share of the budget is taken
+            assert held[-1].recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        refused = raw_exchange(d.port, head)
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: " in refused
+        assert refused.split(b"\r\n\r\n", 1)[1].count(b"\n") == 1
+        held[0].sendall(b"x" * size)
+        assert held[0].recv(100).startswith(b"HTTP/1.1 " + answer)
+        held.append(send_head())  # the answered request gave its share back
+        assert held[-1].recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_request_head_must_arrive_within_its_timeout_in_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.5, raising=False)
+    monkeypatch.setattr(tasktrain.Handler, "timeout", 0.5)  # each wait for data
+    store, runner = start_runner(tmp_path)
+    server = tasktrain.TaskTrainServer(("127.0.0.1", 0), store, runner)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with socket.create_connection(server.server_address, timeout=0.1) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            started, answer = time.monotonic(), None
+            while answer is None and time.monotonic() - started < 3:
+                try:  # a header line every 0.1 s: each well within the 0.5 s per wait
+                    s.sendall(b"X-Trickle: 1\r\n")
+                    answer = s.recv(100)
+                except socket.timeout:
+                    pass
+                except ConnectionError:
+                    answer = b""
+            assert answer == b"" and time.monotonic() - started < 1.5  # closed, unanswered
+        with socket.create_connection(server.server_address, timeout=DEADLINE_S) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200 ")  # a head sent at once is fine
+    finally:
+        server.shutdown()
+        server.server_close()
+        runner.shutdown("stopped")
+        store.close()
