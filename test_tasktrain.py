@@ -1612,6 +1612,9 @@ MALFORMED = [
     (b"POST /task?name=example HTTP/1.1\r\nNo colon\r\nContent-Length: 5\r\n\r\nhello", 400),
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length : 5\r\n\r\nhello", 400),
     (b"GET / HTTP/1.1\r\n: no name\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX-A: b\r\n folded\r\n\r\n", 400),  # RFC 9112 section 5.2
+    (b"GET / HTTP/1.1\r\nX-A: b\x00c\r\n\r\n", 400),
+    (b"GET /\r\n", 400),  # HTTP/0.9 is refused before any header line is awaited
 ]
 
 
