@@ -2097,29 +2097,22 @@ def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     d.submit("deploy")
 
 
-def test_timeout_setting_overrides_the_daemons_and_is_read_as_the_task_starts(tmp_path, daemons):
-    add_script(tmp_path, "patient", "run", "sleep 0.5; echo done\n")
+def test_settings_are_read_again_as_the_task_starts(tmp_path, daemons):
+    add_script(tmp_path, "patient", "run", "sleep 0.2; echo done\n")
     (tmp_path / "scripts.d" / "patient" / ".task.ini").write_text("[task]\ntimeout = 0\n")
     add_script(tmp_path, "strict", "run", "sleep 30\n")
-    d = daemons("--timeout", "0.3", "--grace", "0.2")
-    patient, strict = d.submit("patient"), d.submit("strict")
-    (tmp_path / "scripts.d" / "strict" / ".task.ini").write_text("[task]\ntimeout = 0.1\n")
-    assert d.wait_status(patient)["status"] == "complete"
+    add_script(tmp_path, "broken", "run", "echo ran\n")
+    d = daemons("--timeout", "0.1", "--grace", "0.2")
+    patient, strict, broken = d.submit("patient"), d.submit("strict"), d.submit("broken")
+    # Written after the submissions: what counts is what the file says as each starts.
+    (tmp_path / "scripts.d" / "strict" / ".task.ini").write_text("[task]\ntimeout = 0.05\n")
+    (tmp_path / "scripts.d" / "broken" / ".task.ini").write_text("[task]\ntimeout = soon\n")
+    assert d.wait_status(patient)["status"] == "complete"  # 0 overrides --timeout 0.1
     task = d.wait_status(strict)
-    assert task["status"] == "failed" and "Timed out after 0.1 s." in task["output"]
-
-
-def test_settings_that_break_before_the_task_starts_fail_it_saying_why(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", UNTIL_GO)
-    add_script(tmp_path, "deploy", "run", "echo ran\n")
-    d = daemons()
-    d.submit("block")
-    task_id = d.submit("deploy")
-    (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\ntimeout = soon\n")
-    (tmp_path / "go").touch()
-    task = d.wait_status(task_id)
+    assert task["status"] == "failed" and "Timed out after 0.05 s." in task["output"]
+    task = d.wait_status(broken)  # a file broken by then fails the task, saying why
     assert (task["status"], task["exit_code"], task["output"]) == ("failed", 2, (
-        f"{d.scripts}/deploy/.task.ini: timeout = 'soon' is not a number of seconds "
+        f"{d.scripts}/broken/.task.ini: timeout = 'soon' is not a number of seconds "
         "(0 or more). The task was not run.\n"))
 
 
@@ -2365,7 +2358,7 @@ def test_a_stop_still_runs_on_finish_within_the_grace(tmp_path, daemons, during,
     add_script(tmp_path, "deploy", "run", script)
     add_script(tmp_path, "deploy", ".on-finish",
                'echo "reporting $TASKTRAIN_STATUS"; trap "" TERM; sleep 30\n')
-    d = daemons("--grace", "0.5")
+    d = daemons("--grace", "0.3")
     task_id = d.submit("deploy")
     wait_for(lambda: ("started" if during == "scripts" else "reporting") in d.log(task_id))
     started = time.monotonic()
@@ -2404,10 +2397,22 @@ def start_requests(d, threads, kept_open=0):
              message="the requests never reached the daemon")
 
 
-def test_prefer_wait_answers_once_the_task_has_ended(tmp_path, daemons):
-    add_script(tmp_path, "good", "run", "sleep 0.2; echo done\n")
-    add_script(tmp_path, "bad", "run", "echo broken; exit 3\n")
-    d = daemons()
+@pytest.fixture(scope="module")
+def wait_daemon(tmp_path_factory):
+    """One daemon for the wait tests: `good` completes, `bad` fails, and `gated
+    gate=X` runs until the test creates the file $GO.X."""
+    root = tmp_path_factory.mktemp("wait")
+    add_script(root, "good", "run", "echo done\n")
+    add_script(root, "bad", "run", "echo broken; exit 3\n")
+    add_script(root, "gated", "run", 'echo started\nwhile [ ! -e "$GO.${2#--gate=}" ]; do '
+                                     "sleep 0.01; done\n")
+    d = Daemon(root, env={"GO": str(root / "go")})
+    yield d
+    d.stop()
+
+
+def test_prefer_wait_answers_once_the_task_has_ended(wait_daemon):
+    d = wait_daemon
     resp, _ = waiting(d, "POST", "/task?name=good", 30)
     record = record_fields(resp.text)
     assert resp.status == 200 and record["STATUS"] == "complete"
@@ -2423,32 +2428,31 @@ def test_prefer_wait_answers_once_the_task_has_ended(tmp_path, daemons):
     assert waiting(d, "GET", "/tasks/0123456789abc", 5)[0].status == 404
 
 
-def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", "echo started\n" + UNTIL_GO)
-    d = daemons()
-    resp, _ = waiting(d, "POST", "/task?name=block", 0)
+def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(wait_daemon):
+    d = wait_daemon
+    resp, _ = waiting(d, "POST", "/task?name=gated&gate=out", 0)
     task_id = record_fields(resp.text)["ID"]
     assert resp.status == 202 and resp.headers["Preference-Applied"] == "wait=0"
     wait_for(lambda: "started" in d.log(task_id))
     resp, took = waiting(d, "GET", f"/tasks/{task_id}", 1)
     assert resp.status == 202 and 1 <= took < 5
     assert record_fields(resp.text)["STATUS"] == "running" and "started" in resp.text
-    (tmp_path / "go").touch()
+    (d.root / "go.out").touch()
     assert waiting(d, "GET", f"/tasks/{task_id}", 30)[0].status == 200
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
-def test_a_cancel_ends_the_waits_for_a_pending_task(tmp_path, daemons):
-    add_script(tmp_path, "block", "run", UNTIL_GO)
-    d = daemons()
-    d.submit("block")
-    pending = d.submit("block", n="2")
+def test_a_cancel_ends_the_waits_for_a_pending_task(wait_daemon):
+    d = wait_daemon
+    d.submit("gated", gate="cancel")
+    pending = d.submit("gated", gate="never")
     answers = []
     waiter = threading.Thread(target=lambda: answers.append(
         waiting(d, "GET", f"/tasks/{pending}", 60)))
     start_requests(d, [waiter])
     assert d.request("DELETE", f"/tasks/{pending}").status == 200
     waiter.join(DEADLINE_S)
+    (d.root / "go.cancel").touch()
     (resp, took), = answers
     assert resp.status == 424 and record_fields(resp.text)["STATUS"] == "cancelled" and took < 5
 
@@ -2496,8 +2500,9 @@ def test_unknown_prefer_tokens_and_bad_waits_are_ignored(headers, expected):
     assert tasktrain.preferred_wait(headers) == expected
 
 
-def test_a_wait_that_is_not_a_number_answers_as_without_it(daemon):
-    resp = daemon.request("POST", "/task?name=example", headers={"Prefer": "wait=soon"})
+def test_a_wait_that_is_not_a_number_answers_as_without_it(client_daemon):
+    resp = client_daemon.request("POST", "/task?name=good&n=soon",
+                                 headers={"Prefer": "wait=soon"})
     assert resp.status == 201 and "Preference-Applied" not in resp.headers
 
 
@@ -2527,25 +2532,6 @@ def closed_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args, code, stdout, stderr", [
-    (["submit", "good", "k=v"], 0, "STATUS:  pending\n", ""),
-    (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", ""),
-    (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", ""),
-    (["submit", "good", "a=b c", "--follow"], 0, "good ran --name=good --a=b c\n", " complete."),
-    (["submit", "--follow", "bad", "x=1"], 1, "bad ran\nexit code: 4\n", " failed."),
-    (["submit", "nosuch"], 2, "", "No task named 'nosuch'"),
-    (["submit", "good", "novalue"], 2, "", "expected KEY=VALUE, got 'novalue'"),
-    (["submit", "good", "--url", "DEAD"], 3, "", "cannot reach Task Train at http://127.0.0.1:"),
-])
-def test_client_exit_status_says_how_it_went(client_daemon, args, code, stdout, stderr):
-    args = [f"http://127.0.0.1:{closed_port()}" if a == "DEAD" else a for a in args]
-    done = client(client_daemon, *args)  # a --url in args comes last, and wins
-    assert done.returncode == code, done.stderr
-    assert stdout in done.stdout and stderr in done.stderr
-    if code in (2, 3) and "usage:" not in done.stderr:
-        assert done.stderr.count("\n") == 1 and done.stdout == ""  # one line says why
-
-
 def in_process(d, capfd, command, *args):
     """Run a client command in this process (quicker than a subprocess); returns
     (exit status, stdout, stderr)."""
@@ -2555,6 +2541,35 @@ def in_process(d, capfd, command, *args):
         code = e.code
     out, err = capfd.readouterr()
     return code, out, err
+
+
+CLIENT_RUNS = [  # (args, exit status, in stdout, in stderr, run as a subprocess)
+    (["submit", "good", "k=v"], 0, "STATUS:  pending\n", "", True),
+    (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", "", False),
+    (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", "", False),
+    (["submit", "good", "a=b c", "--follow"], 0, "good ran --name=good --a=b c\n", " complete.",
+     False),
+    (["submit", "--follow", "bad", "x=1"], 1, "bad ran\nexit code: 4\n", " failed.", True),
+    (["submit", "nosuch"], 2, "", "No task named 'nosuch'", True),
+    (["submit", "good", "novalue"], 2, "", "expected KEY=VALUE, got 'novalue'", True),
+    (["submit", "good", "--url", "DEAD"], 3, "", "cannot reach Task Train at http://127.0.0.1:",
+     True),
+]
+
+
+@pytest.mark.parametrize("args, code, stdout, stderr, as_subprocess", CLIENT_RUNS)
+def test_client_exit_status_says_how_it_went(client_daemon, capfd, args, code, stdout, stderr,
+                                             as_subprocess):
+    args = [f"http://127.0.0.1:{closed_port()}" if a == "DEAD" else a for a in args]
+    if as_subprocess:  # as a hook runs it; the others in this process, which is quicker
+        done = client(client_daemon, *args)  # a --url in args comes last, and wins
+        done = (done.returncode, done.stdout, done.stderr)
+    else:
+        done = in_process(client_daemon, capfd, *args)
+    assert done[0] == code, done[2]
+    assert stdout in done[1] and stderr in done[2]
+    if code in (2, 3) and "usage:" not in done[2]:
+        assert done[2].count("\n") == 1 and done[1] == ""  # one line says why
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -2599,9 +2614,9 @@ def test_client_shows_lists_and_cancels_tasks(tmp_path, daemons, capfd):
     assert run("log", pending) == (0, d.log(pending), "")
 
 
-def test_client_takes_the_token_from_the_environment(tmp_path, daemons, capfd, monkeypatch):
-    add_script(tmp_path, "good", "run", "exit 0\n")
-    d = daemons("--token", "s3cret")
+def test_client_takes_the_token_from_the_environment(token_daemon, capfd, monkeypatch):
+    d = token_daemon
+    add_script(d.root, "good", "run", "exit 0\n")
     monkeypatch.delenv("TASKTRAIN_TOKEN", raising=False)
     code, _, err = in_process(d, capfd, "submit", "good")
     assert code == 2 and "Authentication required." in err
