@@ -1164,6 +1164,9 @@ class Runner:
         for pgid in members:
             signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
+        with self._lock:  # a daemon stop's grace, already running, bounds this one too
+            if self._stop_deadline is not None:
+                deadline = min(deadline, self._stop_deadline)
         for pgid in members:
             self._await_group(pgid, deadline)
         count = sum(map(len, members.values()))

@@ -307,6 +307,18 @@ def test_version_and_help_exit_0():
         assert proc.returncode == 0 and proc.stdout
 
 
+def test_a_stop_takes_one_grace_also_for_what_earlier_scripts_left(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "1", "(trap '' TERM; exec sleep 30) &\n")  # outlives it
+    add_script(tmp_path, "deploy", "2", "trap '' TERM; echo started; sleep 30\n")
+    d = daemons("--grace", "1")
+    task_id = d.submit("deploy")
+    wait_for(lambda: "started" in d.log(task_id))
+    started = time.monotonic()
+    assert d.signal(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 1.8  # one grace of 1 s, not one per group
+    assert "Stopped 1 process left running" in (d.state / "logs" / f"{task_id}.log").read_text()
+
+
 def test_sigterm_fails_running_task_keeps_pending_and_exits_0(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", "echo started; trap '' TERM; sleep 30\n")
     add_script(tmp_path, "quick", "run", "exit 0\n")
