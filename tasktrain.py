@@ -86,7 +86,7 @@ MAX_WAIT_S = 3600  # the longest `Prefer: wait=N` honoured
 IDLE_TIMEOUT_S = 30
 HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each line
 FOLLOW_POLL_S = 0.02
-STORE_RETRY_S = 2  # while the disk is full, how often the runner tries to record a task's end
+STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024

@@ -1187,7 +1187,7 @@ def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, 
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
     queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
-    d = daemons("--grace", "2")
+    d = daemons("--grace", "1")
     # Claimed now, it would be failed, never run, if this daemon died during the grace.
     assert d.task(queued)["status"] == "pending" and not gone(orphan)
     assert d.wait_status(queued)["status"] == "complete" and gone(orphan)
@@ -1524,26 +1524,36 @@ def sign(body, secret="hush"):
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-BODY = b'{"ref": "refs/heads/main"}'
+@pytest.fixture(scope="module")
+def secret_daemon(tmp_path_factory):
+    """One daemon started with --secret hush and a task `hook` that prints its stdin."""
+    root = tmp_path_factory.mktemp("secret")
+    add_script(root, "hook", "run", "cat\n")
+    d = Daemon(root, "--secret", "hush")
+    yield d
+    d.stop()
 
 
-@pytest.mark.parametrize("headers, status", [
-    ({}, 401),
-    ({"X-Hub-Signature-256": "sha256=" + sign(BODY)}, 201),
-    ({"X-Hub-Signature-256": "sha256=" + sign(BODY, "other")}, 401),
-    ({"X-Hub-Signature-256": sign(BODY)}, 401),
-    ({"X-Gitea-Signature": sign(BODY)}, 201),
-    ({"X-Gitea-Signature": sign(b"tampered")}, 401),
-    ({"X-Gitlab-Token": "hush"}, 201),
-    ({"X-Gitlab-Token": "nope"}, 401),
+@pytest.mark.parametrize("header, value, status", [
+    (None, None, 401),
+    ("X-Hub-Signature-256", "sha256={signature}", 201),
+    ("X-Hub-Signature-256", "sha256={other_secrets}", 401),
+    ("X-Hub-Signature-256", "{signature}", 401),
+    ("X-Gitea-Signature", "{signature}", 201),
+    ("X-Gitea-Signature", "{another_bodys}", 401),
+    ("X-Gitlab-Token", "hush", 201),
+    ("X-Gitlab-Token", "nope", 401),
 ])
-def test_secret_requires_a_webhook_signature(tmp_path, daemons, headers, status):
-    add_script(tmp_path, "hook", "run", "cat\n")
-    d = daemons("--secret", "hush")
-    resp = d.request("POST", "/task?name=hook", body=BODY,
-                     headers={"Content-Type": "application/json", **headers})
+def test_secret_requires_a_webhook_signature(secret_daemon, header, value, status):
+    body = json.dumps({"ref": "refs/heads/main", "case": f"{header}: {value}"}).encode()
+    headers = {"Content-Type": "application/json"}
+    if header:  # a body of its own, so that no case is the replay of another
+        headers[header] = value.format(signature=sign(body), other_secrets=sign(body, "other"),
+                                       another_bodys=sign(b"tampered"))
+    listed = len(secret_daemon.get("/tasks?format=json").json())
+    resp = secret_daemon.request("POST", "/task?name=hook", body=body, headers=headers)
     assert resp.status == status, resp.text
-    assert len(d.get("/tasks?format=json").json()) == (status == 201)
+    assert len(secret_daemon.get("/tasks?format=json").json()) == listed + (status == 201)
 
 
 def test_secrets_never_appear_in_logs_records_or_pages(tmp_path, daemons):
@@ -1581,16 +1591,15 @@ def test_expect_100_continue_is_answered_at_once(tmp_path, daemons):
         assert b"201 Created" in s.recv(4096)
 
 
-@pytest.mark.parametrize("options, headers, status", [
-    ((), b"Content-Length: 2000000\r\n", b"413"),
-    ((), b"Transfer-Encoding: chunked\r\n", b"411"),
-    (("--token", "t"), b"Content-Length: 5\r\n", b"401"),
-    (("--secret", "s"), b"Content-Length: 5\r\n", b"401"),
+@pytest.mark.parametrize("daemon_fixture, headers, status", [
+    ("idle_daemon", b"Content-Length: 2000000\r\n", b"413"),
+    ("idle_daemon", b"Transfer-Encoding: chunked\r\n", b"411"),
+    ("token_daemon", b"Content-Length: 5\r\n", b"401"),
+    ("secret_daemon", b"Content-Length: 5\r\n", b"401"),
 ])
-def test_a_body_that_will_be_refused_is_refused_before_100_continue(tmp_path, daemons,
-                                                                   options, headers, status):
-    add_script(tmp_path, "hook", "run", "cat\n")
-    d = daemons(*options)
+def test_a_body_that_will_be_refused_is_refused_before_100_continue(request, daemon_fixture,
+                                                                   headers, status):
+    d = request.getfixturevalue(daemon_fixture)
     answer = raw_exchange(d.port, b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\n"
                           b"Content-Type: text/plain\r\nExpect: 100-continue\r\n" + headers +
                           b"\r\n")
