@@ -3041,10 +3041,10 @@ class Client:
         while True:
             status, _, record = self.call(
                 "GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"}, waits=True)
-            if status == 404:
-                raise Refused(record.strip())
-            if status != 202:  # 202: not ended within the wait, or the daemon is stopping
+            if status in OUTCOME_STATUS.values():  # it has ended
                 return record
+            if status != 202:  # 202: not ended within the wait, or the daemon is stopping
+                raise Refused(record.strip())  # 404, 401: not an outcome to exit 0 with
 
 
 def record_field(record, label):
@@ -3190,8 +3190,8 @@ def client_cancel(client, args):
 
 def client_list(client, args):
     """list: one line per task, newest first."""
-    status, _, answer = client.call("GET", "/tasks?format=json",
-                                    headers={"Accept": "application/json"})
+    # format=json, not Accept: a refusal then comes as its one line, not as JSON.
+    status, _, answer = client.call("GET", "/tasks?format=json")
     if status != 200:
         raise Refused(answer.strip())
     for task in json.loads(answer):

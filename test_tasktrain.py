@@ -2645,6 +2645,19 @@ def test_client_takes_the_token_from_the_environment(token_daemon, capfd, monkey
     assert in_process(d, capfd, "submit", "good")[0] == 0
 
 
+@pytest.mark.parametrize("args", [
+    ["status", "0123456789abc", "--wait"],
+    ["log", "0123456789abc", "--follow"],
+    ["submit", "good", "--follow"],
+    ["list"],
+])
+def test_client_refused_by_the_daemon_exits_2_with_its_one_line_reason(
+        token_daemon, capfd, monkeypatch, args):
+    monkeypatch.delenv("TASKTRAIN_TOKEN", raising=False)
+    assert in_process(token_daemon, capfd, *args) == (
+        2, "", f"tasktrain.py {args[0]}: Authentication required.\n")
+
+
 # ----------------------------------------------------------------------------
 # §10 Boundaries a deploy daemon must hold
 # ----------------------------------------------------------------------------
