@@ -88,6 +88,9 @@ HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each lin
 FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
+# The longest --timeout, --grace or timeout setting: Python's timers overflow (a thread
+# dies, a stop crashes) past threading.TIMEOUT_MAX, ~292 years, and a stop adds graces.
+MAX_SECONDS = 10**9
 COPY_CHUNK_BYTES = 64 * 1024
 HTML_TAIL_BYTES = 256 * 1024
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
@@ -392,6 +395,8 @@ def settings_seconds(value):
         seconds = -1.0
     if not 0 <= seconds < float("inf"):  # also refuses nan
         raise ValueError(f"timeout = {value!r} is not a number of seconds (0 or more).")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"timeout = {value!r} is more than {MAX_SECONDS} seconds.")
     return seconds
 
 
@@ -2906,9 +2911,9 @@ def parse_args(argv):
                         help="task database and logs (default: state beside tasktrain.py)")
     parser.add_argument("--keep", type=non_negative(int), default=DEFAULT_KEEP,
                         help="finished tasks kept (default: %(default)s)")
-    parser.add_argument("--timeout", type=non_negative(float), default=0,
+    parser.add_argument("--timeout", type=seconds_option, default=0,
                         help="seconds a task may run before it is killed; 0: no limit")
-    parser.add_argument("--grace", type=non_negative(float), default=DEFAULT_GRACE_S,
+    parser.add_argument("--grace", type=seconds_option, default=DEFAULT_GRACE_S,
                         help="seconds from SIGTERM to SIGKILL when a task is stopped "
                              "(default: %(default)g)")
     parser.add_argument("--token", default=os.environ.get("TASKTRAIN_TOKEN"),
@@ -2941,6 +2946,18 @@ def non_negative(kind):
         return value
     convert.__name__ = kind.__name__
     return convert
+
+
+def seconds_option(text):
+    """An argparse type: seconds, from 0 to MAX_SECONDS (so neither inf nor nan)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"give a number of seconds from 0 to {MAX_SECONDS}, "
+                                         f"not {text}")
+    return seconds
 
 
 def is_loopback(host):
