@@ -227,7 +227,7 @@ class Claim(typing.NamedTuple):
 class ForgeEvent(typing.NamedTuple):
     """What a forge's webhook delivery says about itself, kept with its task."""
 
-    event: str
+    event: str                  # the event header's value, as sent: `push`, `Push Hook`
     delivery: "str | None"
     ref: "str | None"
     commit: "str | None"
@@ -2070,8 +2070,7 @@ def forge_event(headers, body):
             break
     else:
         return None
-    event = event_name(value)
-    if not EVENT_RE.fullmatch(event):
+    if not EVENT_RE.fullmatch(event_name(value)):
         abort(400, f"Bad {event_header} header: {value!r}.")
     delivery = headers.get(delivery_header)
     if delivery is not None and not DELIVERY_RE.fullmatch(delivery):
@@ -2083,7 +2082,7 @@ def forge_event(headers, body):
             if "payload" in fields:
                 payload = fields["payload"].encode()
     ref, commit = payload_ref_and_commit(payload, gitlab=event_header == "X-Gitlab-Event")
-    return ForgeEvent(event, delivery, ref, commit), payload
+    return ForgeEvent(value.strip(), delivery, ref, commit), payload
 
 
 def event_name(header_value):
@@ -2568,9 +2567,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_note(200, f"Ping received: this webhook can start task {name!r}; "
                                  "nothing queued.")
             return True
-        if settings.events is not None and event.event not in settings.events:
+        if settings.events is not None and event_name(event.event) not in settings.events:
             accepted = ", ".join(sorted(settings.events))
-            self._send_note(202, f"Event {event.event!r} ignored: {shown_folder}/"
+            self._send_note(202, f"Event {event_name(event.event)!r} ignored: {shown_folder}/"
                                  f"{SETTINGS_FILE} accepts only {accepted}; nothing queued.")
             return True
         return False
