@@ -1659,15 +1659,17 @@ h1 { font-size: 1.4em; margin: 0 0 .3em; } h2 { font-size: 1.1em; margin: 1em 0 
 table { border-collapse: collapse; } tr + tr { border-top: 1px solid #ddd; }
 th, td { padding: .1em .6em; text-align: left; vertical-align: top; white-space: nowrap; }
 th { font-weight: normal; color: #555; } .status { font-weight: bold; }
-td.params { max-width: 32em; overflow: hidden; text-overflow: ellipsis; }
+.tasks > div { display: grid; column-gap: .6em; padding: .1em .4em; white-space: nowrap;
+  grid-template-columns: 9.8em 9em minmax(8em, 1fr) 8.6em 12.6em 13em 6em 4.4em; }
+.tasks > div + div { border-top: 1px solid #ddd; } .tasks p { display: contents; }
+.tasks br { display: none; } .tasks span { overflow: hidden; text-overflow: ellipsis; }
+.tasks button { font-size: .8em; line-height: 1.2; padding: 0 .4em; }
 code { overflow-wrap: anywhere; } button { font-size: .85em; padding: 0 .5em; }
 .pending { color: #1f4e9c; } .running { background: yellow; } .complete { color: gray; }
 .failed { color: #8B0000; } .cancelled { color: #b35900; }
 #output { font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 .skipped { color: gray; font-style: italic; }
 """
-LIST_HEADINGS = "".join(f"<th>{heading}</th>" for heading in (
-    "ID", "Name", "Params", "Status", "Created", "Duration", "Exit code", ""))
 
 
 def render_page(title, body, refresh_s=None):
@@ -1716,20 +1718,29 @@ def render_cancel_button(task, url):
     return f'<button type="button" data-cancel="{url}" data-task="{task.id}" hidden>Cancel</button>'
 
 
-def render_task_row(task, now, position):
-    """One task as a row of the list; its class is its status, as the original's div's was.
-    Params are one line, cut where the column ends; the cell's tooltip has more."""
+def render_task_div(task, now, position):
+    """One task as the original's div: its class is its status, then ID, Name, Params,
+    Status and Date as the original labelled them, then duration, exit code and Cancel.
+    Params are shown as key=value, cut where the column ends; their PHP JSON (as in the
+    text record) is the tooltip. Each field is a span, so that CSS can lay out a row."""
     e = html.escape  # for what came from a user; ids, statuses and numbers are the daemon's
     params = readable_params(task.params)
     shown = params if len(params) <= LIST_PARAMS_CHARS else params[:LIST_PARAMS_CHARS] + "…"
-    tooltip = f' title="{e(params[:LIST_PARAMS_TOOLTIP_CHARS])}"' if params else ""
+    as_json = php_json(task.params_json)
+    if len(as_json) > LIST_PARAMS_TOOLTIP_CHARS:
+        as_json = as_json[:LIST_PARAMS_TOOLTIP_CHARS] + "…"
     exit_code = "" if task.exit_code is None else task.exit_code
     link = "tasks/" + task.id
-    return (f'<tr class="{task.status}"><td><a href="{link}">{task.id}</a></td>'
-            f'<td>{e(task.name)}</td><td class="params"{tooltip}>{e(shown)}</td>'
-            f'<td class="status">{task.status}</td><td>{local_time(task.created_us)}</td>'
-            f"<td>{render_elapsed(task, now, position(task.id))}</td><td>{exit_code}</td>"
-            f"<td>{render_cancel_button(task, link)}</td></tr>")
+    return (f'<div class="{task.status}">\n'
+            f'<p><span>ID: <a href="{link}">{task.id}</a></span><br />\n'
+            f"<span>Name: {e(task.name)}</span><br />\n"
+            f'<span title="{e(as_json)}">Params: {e(shown)}</span><br />\n'
+            f'<span class="status">Status: {task.status}</span><br />\n'
+            f'<span title="{rfc2822(task.created_us)}">Date: {local_time(task.created_us)}'
+            f"</span></p>\n"
+            f"<p><span>Duration: {render_elapsed(task, now, position(task.id))}</span><br />\n"
+            f"<span>Exit code: {exit_code}</span><br />\n"
+            f"<span>{render_cancel_button(task, link)}</span></p>\n</div>")
 
 
 def render_list_html(tasks, pending, busy, now, position, older=None, newest=None):
@@ -1743,9 +1754,9 @@ def render_list_html(tasks, pending, busy, now, position, older=None, newest=Non
     unfinished = any(not task.finished for task in tasks)
     parts = ["<h1>Task Train</h1>", f"<p>{pending} pending task(s).</p>"]
     if tasks:
-        parts.append(f"<table>\n<tr>{LIST_HEADINGS}</tr>\n"
-                     + "\n".join(render_task_row(task, now, position) for task in tasks)
-                     + "\n</table>")
+        parts.append('<div class="tasks">\n'
+                     + "\n".join(render_task_div(task, now, position) for task in tasks)
+                     + "\n</div>")
     else:
         parts.append("<p>No older tasks.</p>" if newest else "<p>No tasks yet.</p>")
     links = [f'<a href="{html.escape(url)}">{text}</a>'

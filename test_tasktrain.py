@@ -1219,10 +1219,44 @@ def test_keep_prunes_oldest_finished_tasks_and_logs_never_pending(tmp_path, daem
 XSS = '<script>alert("x")</script>'
 
 
+LIST_DIV = r'<div class="(\w+)">\n(<p>.*?</p>)\n<p>.*?</p>\n</div>'
+
+
 def list_rows(page):
-    """The list page's rows as (status class, [cell HTML, ...])."""
-    return [(status, re.findall(r"<td[^>]*>(.*?)</td>", row))
-            for status, row in re.findall(r'<tr class="(\w+)">(.*?)</tr>', page)]
+    """The list page's tasks as (status class, [field's HTML without its label, ...])."""
+    return [(status, re.findall(r"<span[^>]*>(?:[A-Z][A-Za-z ]+: )?(.*?)</span>", div))
+            for status, div in re.findall(r'<div class="(?!tasks")(\w+)">(.*?)</div>', page, re.S)]
+
+
+def test_list_page_keeps_the_original_shape(tmp_path, daemons):
+    add_script(tmp_path, "example", "args.sh", ARGS_SCRIPT)
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons("--grace", "1")
+    done = d.submit("example", evil=XSS, path="a/b")
+    d.wait_status(done)
+    running, pending = d.submit("block"), d.submit("example")
+    d.wait_status(running, "running")
+    page = d.get("/tasks")
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<title>Task Train</title>" in page.text and "<p>1 pending task(s).</p>" in page.text
+    divs = re.findall(LIST_DIV, page.text, re.S)
+    assert [status for status, _ in divs] == ["pending", "running", "complete"]
+    assert len(re.findall(r'<div class="(?!tasks")', page.text)) == 3  # one per task
+    for task_id, (status, fields) in zip([pending, running, done], divs):
+        text = html.unescape(re.sub(r"<[^>]+>", "", fields.replace("<br />", "")))
+        labels = re.findall(r"^(\w+): (.*)$", text, re.M)
+        assert [label for label, _ in labels] == ["ID", "Name", "Params", "Status", "Date"]
+        assert labels[0][1] == task_id and labels[3][1] == status
+        assert f'<p><span>ID: <a href="tasks/{task_id}">{task_id}</a></span><br />' in fields
+    done_fields = divs[2][1]
+    assert "Name: example</span><br />" in done_fields
+    # What the text record's PARAMS line says, PHP's JSON, is the shown params' tooltip.
+    record_params = re.search(r"^PARAMS:  (.*)$", d.get(f"/tasks/{done}").text, re.M).group(1)
+    assert record_params.startswith('{"evil":"<script>') and '"a\\/b"' in record_params
+    tooltip = re.search(r'<span title="([^"]*)">Params: ([^<]*)</span>', done_fields)
+    assert html.unescape(tooltip.group(1)) == record_params
+    assert html.unescape(tooltip.group(2)) == f"evil='{XSS}' path=a/b"
+    assert XSS not in page.text and "&lt;script&gt;" in page.text
 
 
 def browser_delete(d, page_path, url):
@@ -1301,7 +1335,8 @@ LISTED = {  # how each format lists its tasks' ids, and its link to the older on
              lambda resp: resp.headers.get("Link")),
     "text": (lambda resp: re.findall(r"^ID:      (\w+)$", resp.text, re.M),
              lambda resp: resp.headers.get("Link")),
-    "html": (lambda resp: re.findall(r'<tr class="\w+"><td><a href="tasks/(\w+)">', resp.text),
+    "html": (lambda resp: re.findall(r'<div class="\w+">\n<p><span>ID: <a href="tasks/(\w+)">',
+                                     resp.text),
              lambda resp: (lambda m: m and f'<{html.unescape(m.group(1))}>; rel="next"')(
                  re.search(r'<a href="([^"]+)">Older tasks</a>', resp.text))),
 }
@@ -1429,7 +1464,7 @@ def superseded(task, by):
 @pytest.mark.parametrize("render", [
     lambda: tasktrain.render_list_html(
         [page_task(params_json=json.dumps({"k": XSS}))], 0, False, 0, lambda t: None),
-    lambda: tasktrain.render_list_html(  # cut, with the whole in the cell's tooltip
+    lambda: tasktrain.render_list_html(  # cut, with PHP JSON in the tooltip
         [page_task(params_json=json.dumps({"k": XSS * 20}))], 0, False, 0, lambda t: None),
     lambda: tasktrain.render_list_html(
         [page_task()], 0, False, 0, lambda t: None, older="tasks?format=" + XSS),
