@@ -1660,10 +1660,10 @@ table { border-collapse: collapse; } tr + tr { border-top: 1px solid #ddd; }
 th, td { padding: .1em .6em; text-align: left; vertical-align: top; white-space: nowrap; }
 th { font-weight: normal; color: #555; } .status { font-weight: bold; }
 .tasks > div { display: grid; column-gap: .6em; padding: .1em .4em; white-space: nowrap;
-  grid-template-columns: 9.8em 9em minmax(8em, 1fr) 8.6em 12.6em 13em 6em 4.4em; }
+  grid-template-columns: 9.8em 9em minmax(8em, 1fr) 8.6em 12.6em 12.6em 7.2em 4.4em; }
 .tasks > div + div { border-top: 1px solid #ddd; } .tasks p { display: contents; }
 .tasks br { display: none; } .tasks span { overflow: hidden; text-overflow: ellipsis; }
-.tasks button { font-size: .8em; line-height: 1.2; padding: 0 .4em; }
+.tasks button { font-size: .8em; line-height: 1.1; padding: 0 .4em; margin: 0; }
 code { overflow-wrap: anywhere; } button { font-size: .85em; padding: 0 .5em; }
 .pending { color: #1f4e9c; } .running { background: yellow; } .complete { color: gray; }
 .failed { color: #8B0000; } .cancelled { color: #b35900; }
