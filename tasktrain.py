@@ -2151,8 +2151,9 @@ def same_secret(given, expected):
 
 class HeadDeadline(io.RawIOBase):
     """The raw reader under a connection's buffer, keeping one deadline while a request
-    head arrives: the socket's timeout alone bounds each wait for data, so a client
-    sending a header line every few seconds would never be dropped."""
+    head, or a body, arrives: the socket's timeout alone bounds each wait for data, so a
+    client sending a header line (or a body's byte) every few seconds would never be
+    dropped, and a trickling body would hold its share of the body budget for ever."""
 
     def __init__(self, raw, sock):
         super().__init__()
@@ -2179,11 +2180,11 @@ class HeadDeadline(io.RawIOBase):
         super().close()
 
     def expect_head(self, timeout_s):
-        """A request head is next: it must be in within `timeout_s`."""
+        """A request head (or a body) is next: it must be in within `timeout_s`."""
         self._deadline = time.monotonic() + timeout_s
 
     def head_done(self, timeout_s):
-        """The head is in: each wait for data is bounded by `timeout_s` again."""
+        """The head (or body) is in: each wait for data is bounded by `timeout_s` again."""
         self._deadline = None
         if self._moved:
             self._sock.settimeout(timeout_s)
@@ -2295,7 +2296,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if not self.sent:
                     self._send_reason(500, "Internal error; the daemon's log says more.")
             finally:
-                self.server.body_budget.release(self.body_reserved)
+                self._release_body()
             with contextlib.suppress(*CLIENT_GONE):
                 self.wfile.flush()  # here, so that the answer has left when the count drops
 
@@ -2381,10 +2382,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response_only(100)
             self.end_headers()
             self.wfile.flush()  # left in the write buffer, it would stall curl a second
+        self.head_deadline.expect_head(self.head_timeout)  # in all, as the head
         try:
             body = self.rfile.read(length)
         except (TimeoutError, socket.timeout):
             abort(408, "Timed out reading the body.")
+        finally:
+            self.head_deadline.head_done(self.timeout)
         if len(body) < length:
             abort(400, "Body shorter than its Content-Length.")
         self.body_pending = False
@@ -2527,6 +2531,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def submit(self):
         """POST /task: queue a task; or find the identical pending one, or the task
         that a signed body sent again (a replay) first queued."""
+        wait = self._queue()  # returned, it holds the body no more
+        if wait:
+            self._release_body()  # or a wait would keep the body's share of the budget
+            self._show_outcome(*wait)
+
+    def _queue(self):
+        """Read the body and queue the task it names, answering unless the answer is
+        to wait for the task's end: then (task id, seconds, headers) for _show_outcome."""
         body = self._read_body()
         if self.needs_signature:
             self._check_signature(body)
@@ -2534,8 +2546,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         replayed = webhook_key and self.server.store.webhook_task(webhook_key)
         if replayed:  # whatever the URL says: it is not signed
             log.info("task %s: its webhook body came again; nothing queued", replayed.task.id)
-            self._send_submitted(*replayed)
-            return
+            return self._send_submitted(*replayed)
         forge = forge_event(self.headers, body)
         pairs = list(self.query)
         if webhook_key:
@@ -2561,7 +2572,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except SettingsError as e:
             abort(500, str(e))
         if event and self._answer_unqueued_event(event, name, settings, shown_folder):
-            return
+            return None
         try:
             submitted = self.server.store.submit(
                 name, params, body, on_claimed=self.server.runner.hand_over, event=event,
@@ -2569,7 +2580,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except QueueFull:
             abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
-        self._send_submitted(*submitted)
+        return self._send_submitted(*submitted)
 
     def _answer_unqueued_event(self, event, name, settings, shown_folder):
         """Answer a ping, or an event the task's settings do not accept, queueing
@@ -2586,7 +2597,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _send_submitted(self, task, is_new, position, synced, superseded=()):
-        """Answer a submission with the task's record, once the task is on disk."""
+        """Answer a submission with the task's record, once the task is on disk; with
+        `Prefer: wait`, answer nothing yet: (task id, seconds, headers) of the wait."""
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))
@@ -2598,8 +2610,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.runner.task_ended()  # for the waits of the tasks it cancelled
         wait_s = self._preferred_wait()
         if wait_s is not None:
-            self._show_outcome(task.id, wait_s, {"Location": "tasks/" + task.id})
-            return
+            return task.id, wait_s, {"Location": "tasks/" + task.id}
         self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
 
     def list_tasks(self):
@@ -2633,10 +2644,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._show_outcome(self._task(task_id).id, wait_s)
 
-    def show_task(self, task_id, status=200, headers=None):
+    def show_task(self, task_id):
         """The record, as text, JSON or a live HTML page."""
-        task = self._task(task_id)
-        shown = self.server.shown_scripts_dir
+        self._send_task(self._task(task_id))
+
+    def _send_task(self, task, status=200, headers=None):
+        """Send this snapshot's record, as text, JSON or a live HTML page."""
+        task_id, shown = task.id, self.server.shown_scripts_dir
         if self._wants("json"):
             fields = task_fields(task, shown, self.server.store.position(task_id))
             with self._open_log(task_id) as f:
@@ -2658,8 +2672,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The record once the task has ended, or `wait_s` has passed, or the daemon
         stops: 200 complete, 424 failed or cancelled, 202 not ended yet."""
         self.server.runner.wait_finished(task_id, wait_s)
-        status = OUTCOME_STATUS.get(self.server.store.status(task_id), 202)
-        self.show_task(task_id, status, {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
+        task = self._task(task_id)  # one snapshot: the status and the record agree
+        self._send_task(task, OUTCOME_STATUS.get(task.status, 202),
+                        {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
 
     def show_log(self, task_id):
         """GET /tasks/ID/log: the raw output, from byte ?from=N on (0); ?follow=1
@@ -2724,6 +2739,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if task is None:
             not_found()
         return task
+
+    def _release_body(self):
+        """Give the body's share of the server's body budget back (once)."""
+        self.server.body_budget.release(self.body_reserved)
+        self.body_reserved = 0
 
     def _open_log(self, task_id):
         """The task's log file to read, or an empty stand-in before it has one."""

@@ -2517,6 +2517,33 @@ def test_a_cancel_ends_the_waits_for_a_pending_task(wait_daemon):
     assert resp.status == 424 and record_fields(resp.text)["STATUS"] == "cancelled" and took < 5
 
 
+def test_a_waiting_submission_gives_its_body_budget_share_back_once_stored(wait_daemon):
+    d, size = wait_daemon, tasktrain.MAX_BODY_BYTES
+    answers = []
+    waiters = [threading.Thread(target=lambda i=i: answers.append(d.request(
+        "POST", f"/task?name=gated&gate=budget&n={i}", b"x" * size,
+        {"Prefer": "wait=60", "Content-Type": "application/octet-stream"})))
+        for i in range(tasktrain.MAX_BODIES_HELD_BYTES // size)]
+    for waiter in waiters:
+        waiter.start()
+    wait_for(lambda: sum(task["params"].get("gate") == "budget"
+                         for task in d.get("/tasks?format=json").json()) == len(waiters))
+
+    def body_admitted():
+        with socket.create_connection(("127.0.0.1", d.port), timeout=DEADLINE_S) as s:
+            s.sendall(b"POST /task?name=good HTTP/1.1\r\nHost: localhost\r\n"
+                      b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
+            return s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+
+    try:  # all four wait, with the whole budget's worth of bodies sent
+        wait_for(body_admitted, timeout=5, message="the waits kept the body budget")
+    finally:
+        (d.root / "go.budget").touch()
+        for waiter in waiters:
+            waiter.join(DEADLINE_S)
+    assert [resp.status for resp in answers] == [200] * len(waiters)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_a_stop_ends_every_wait_with_the_record_as_it_is(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", "echo started; sleep 30\n")
@@ -2946,7 +2973,14 @@ def test_request_bodies_held_at_once_are_bounded_in_total(tmp_path, daemons, opt
             s.close()
 
 
-def test_a_request_head_must_arrive_within_its_timeout_in_all(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start, trickle, answer", [
+    (b"GET / HTTP/1.1\r\n", b"X-Trickle: 1\r\n", b""),  # closed, unanswered
+    # A body that trickled in would hold its share of the body budget for as long.
+    (b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n",
+     b"x", b"HTTP/1.1 408 "),
+], ids=["head", "body"])
+def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
+        tmp_path, monkeypatch, start, trickle, answer):
     monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.3, raising=False)
     monkeypatch.setattr(tasktrain.Handler, "timeout", 0.3)  # each wait for data
     store, runner = start_runner(tmp_path)
@@ -2954,17 +2988,20 @@ def test_a_request_head_must_arrive_within_its_timeout_in_all(tmp_path, monkeypa
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         with socket.create_connection(server.server_address, timeout=0.05) as s:
-            s.sendall(b"GET / HTTP/1.1\r\n")
-            started, answer = time.monotonic(), None
-            while answer is None and time.monotonic() - started < 3:
-                try:  # a header line every 0.05 s: each well within the 0.3 s per wait
-                    s.sendall(b"X-Trickle: 1\r\n")
-                    answer = s.recv(100)
+            s.sendall(start)
+            started, got = time.monotonic(), None
+            while got is None and time.monotonic() - started < 3:
+                try:  # a line or byte every 0.05 s: each well within the 0.3 s per wait
+                    s.sendall(trickle)
+                    got = s.recv(100)
                 except socket.timeout:
                     pass
                 except ConnectionError:
-                    answer = b""
-            assert answer == b"" and time.monotonic() - started < 1  # closed, unanswered
+                    got = b""
+            assert got is not None and (got.startswith(answer) if answer else got == b"")
+            assert time.monotonic() - started < 1
+        budget = server.body_budget  # the body's share is given back
+        wait_for(lambda: budget.reserve(budget.total) and budget.release(budget.total) is None)
         with socket.create_connection(server.server_address, timeout=DEADLINE_S) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 200 ")  # a head sent at once is fine
