@@ -2501,6 +2501,49 @@ def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(wait
     assert waiting(d, "GET", f"/tasks/{task_id}", 30)[0].status == 200
 
 
+def test_a_waited_answers_status_and_record_come_from_one_reading(tmp_path, monkeypatch):
+    # The task ends in the window between the end of the wait and the answer: the
+    # window is microseconds wide, so the test widens it, in the store's status().
+    go = tmp_path / "go"
+    add_script(tmp_path, "gated", "run", f'while [ ! -e "{go}" ]; do sleep 0.01; done\n')
+    store, runner = start_runner(tmp_path)
+    server = tasktrain.TaskTrainServer(("127.0.0.1", 0), store, runner)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    waited, real_wait, real_status = threading.Event(), runner.wait_finished, store.status
+
+    def wait_finished(*args, **kw):
+        try:
+            return real_wait(*args, **kw)
+        finally:
+            waited.set()
+
+    def status(task_id):
+        value = real_status(task_id)
+        if waited.is_set():  # a reading after the wait: the task ends right after it
+            waited.clear()
+            go.touch()
+            wait_for(lambda: real_status(task_id) == "complete")
+        return value
+
+    try:
+        task = store.submit("gated", {}, on_claimed=runner.hand_over).task
+        wait_for(lambda: store.status(task.id) == "running")
+        monkeypatch.setattr(runner, "wait_finished", wait_finished)
+        monkeypatch.setattr(store, "status", status)
+        conn = http.client.HTTPConnection(*server.server_address, timeout=DEADLINE_S)
+        conn.request("GET", f"/tasks/{task.id}", headers={"Prefer": "wait=0"})
+        resp = conn.getresponse()
+        record = record_fields(resp.read().decode())
+        conn.close()
+        assert (resp.status, record["STATUS"]) == (202, "running")
+    finally:
+        go.touch()
+        server.shutdown()
+        server.server_close()
+        runner.shutdown("stopped")
+        store.close()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_a_cancel_ends_the_waits_for_a_pending_task(wait_daemon):
     d = wait_daemon
