@@ -2043,8 +2043,8 @@ def host_name(value):
 
 
 def is_loopback_name(name):
-    """Whether a Host name can only mean this machine: localhost, *.localhost
-    (RFC 6761), 127.0.0.0/8 or ::1."""
+    """Whether a Host name (or a --host to listen on) can only mean this machine:
+    localhost, *.localhost (RFC 6761), 127.0.0.0/8 or ::1."""
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
@@ -2960,7 +2960,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
-    if not (is_loopback(args.host) or args.token or args.insecure):
+    if not (is_loopback_name(args.host) or args.token or args.insecure):
         parser.error(f"--host {args.host} is not a loopback address: anyone who reaches it "
                      "could run your scripts. Set --token (or TASKTRAIN_TOKEN), "
                      "or pass --insecure if a firewall already guards it.")
@@ -2988,16 +2988,6 @@ def seconds_option(text):
         raise argparse.ArgumentTypeError(f"give a number of seconds from 0 to {MAX_SECONDS}, "
                                          f"not {text}")
     return seconds
-
-
-def is_loopback(host):
-    """Whether listening on `host` keeps the daemon to this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def catch_stop_signals():
