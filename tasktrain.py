@@ -2053,6 +2053,16 @@ def is_loopback_name(name):
         return False
 
 
+def bounded_decimal(text, ceiling):
+    """The whole number `text` writes in ASCII digits, or `ceiling` if it is larger;
+    None if `text` is no such number."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    # Cut before int(): Python 3.11 refuses to convert over 4,300 digits
+    # (CVE-2020-10735). Cut one digit longer than `ceiling`, the value is still above it.
+    return min(int(text.lstrip("0")[:len(str(ceiling)) + 1] or "0"), ceiling)
+
+
 def preferred_wait(prefer_headers):
     """N of the first `wait` preference (RFC 7240: later ones do not count), at most
     MAX_WAIT_S; None if there is none or it is not a non-negative integer."""
@@ -2060,11 +2070,7 @@ def preferred_wait(prefer_headers):
         for preference in header.split(","):
             token, _, value = preference.split(";")[0].partition("=")
             if token.strip().lower() == "wait":
-                digits = value.strip().strip('"')
-                if not (digits.isascii() and digits.isdigit()):
-                    return None
-                # Cut before int(): Python 3.11 refuses to convert over 4300 digits.
-                return min(int(digits.lstrip("0")[:5] or "0"), MAX_WAIT_S)
+                return bounded_decimal(value.strip().strip('"'), MAX_WAIT_S)
     return None
 
 
@@ -2359,8 +2365,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             return -1
         values = {value.strip() for value in self.headers.get_all("Content-Length", ["0"])}
-        value = values.pop() if len(values) == 1 else ""
-        return int(value) if value.isascii() and value.isdigit() else -1
+        length = bounded_decimal(values.pop(), MAX_BODY_BYTES + 1) if len(values) == 1 else None
+        return -1 if length is None else length  # above MAX_BODY_BYTES: a 413
 
     def _read_body(self):
         """The request body, checked against its declared length before it is read.
@@ -2422,12 +2428,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         value = self._query_value(key)
         if value is None:
             return default
-        # Python refuses to convert more than 4,300 digits (CVE-2020-10735): 18 will do.
-        if not (value.isascii() and value.isdigit() and len(value) <= 18
-                and least <= int(value) and (most is None or int(value) <= most)):
+        top = most if most is not None else 10 ** 18 - 1  # 18 digits will do
+        number = bounded_decimal(value, top + 1)
+        if number is None or not least <= number <= top:
             bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
             abort(400, f"Bad {key} parameter: give a whole number, {bounds}.")
-        return int(value)
+        return number
 
     def _list_url(self, **query):
         """A relative URL of the list, keeping this request's limit and format."""
