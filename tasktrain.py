@@ -2074,6 +2074,11 @@ def preferred_wait(prefer_headers):
     return None
 
 
+def media_type(headers):
+    """The request's Content-Type without its parameters, lowercase ("" if none)."""
+    return headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
 def forge_event(headers, body):
     """(ForgeEvent, payload) if the request is a forge's webhook delivery, else None;
     a 400 if its headers or payload cannot be used.
@@ -2093,7 +2098,7 @@ def forge_event(headers, body):
     if delivery is not None and not DELIVERY_RE.fullmatch(delivery):
         abort(400, f"Bad {delivery_header} header: {delivery!r}.")
     payload = body
-    if headers.get("Content-Type", "").split(";")[0].strip().lower() == FORM_TYPE:
+    if media_type(headers) == FORM_TYPE:
         with contextlib.suppress(HTTPError):  # a body that is no form has no payload field
             fields = dict(parse_form(body))
             if "payload" in fields:
@@ -2255,6 +2260,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.headers = None         # until parsed
         self.request_no = None      # counted as the answer starts (X-Req-Count)
         self.query = []             # the query's (key, value) pairs, decoded once
+        self.query_values = {}      # the query's last value of each key
         self.body_length = 0        # declared; -1 if chunked or malformed
         self.body_pending = False   # a body is declared and not yet read
         self.needs_signature = False
@@ -2268,7 +2274,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.head_deadline.head_done(self.timeout)
         self.body_length = self._declared_length()
         self.body_pending = self.body_length != 0
-        self.sent = False
         with self.server.answering():  # a stop waits for answers under way
             try:
                 self._refuse_browser_attacks()
@@ -2283,6 +2288,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           {"Allow": ", ".join(allowed)})
                 # The request line was decoded as Latin-1: this gives back its bytes.
                 self.query = parse_form(url.query.encode("latin-1"))
+                self.query_values = dict(self.query)
                 getattr(self, methods[method])(*args)
             except HTTPError as e:
                 self._send_reason(e.status, e.reason, e.headers)
@@ -2406,7 +2412,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if "application/json" in accept:
             return kind == "json"
         if self.command in ("GET", "HEAD"):
-            fmt = dict(self.query).get("format")
+            fmt = self.query_values.get("format")
             if fmt in ("json", "html", "text"):
                 return kind == fmt
         return kind == "html" and "text/html" in accept
@@ -2417,11 +2423,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _query_flag(self, key):
         """Whether a query parameter is set to something other than 0."""
-        return dict(self.query).get(key) not in (None, "", "0")
+        return self.query_values.get(key) not in (None, "", "0")
 
     def _query_value(self, key):
         """A query parameter's last value ("" when it is given empty), or None."""
-        return dict(self.query).get(key)
+        return self.query_values.get(key)
 
     def _query_number(self, key, default, least, most=None):
         """A whole-number query parameter from `least` to `most`, or a 400 naming it."""
@@ -2470,8 +2476,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _refuse_multipart(self):
         """415 for a multipart body (curl -F): its parts would reach the scripts as one
         opaque blob."""
-        content_type = self.headers.get("Content-Type", "").strip().lower()
-        if content_type.startswith("multipart/"):
+        if media_type(self.headers).startswith("multipart/"):
             abort(415, f"A multipart body is not accepted: send {FORM_TYPE} (curl "
                        "--data-urlencode) or a raw body such as application/json.")
 
@@ -2557,11 +2562,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pairs = list(self.query)
         if webhook_key:
             refuse_unsigned_params(pairs)
-        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         event = None
         if forge:
             event, body = forge
-        elif content_type == FORM_TYPE:
+        elif media_type(self.headers) == FORM_TYPE:
             pairs += parse_form(body)
             body = b""
         params = dict(pairs)
