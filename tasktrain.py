@@ -2291,22 +2291,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.query_values = dict(self.query)
                 getattr(self, methods[method])(*args)
             except HTTPError as e:
-                self._send_reason(e.status, e.reason, e.headers)
+                self._send_line(e.status, e.reason, e.headers)
             except sqlite3.OperationalError as e:  # a full disk: the transaction was rolled back
                 log.error("cannot write the task store: %s", e)
                 if self.sent:
                     self.close_connection = True
                 else:
-                    self._send_reason(503, f"The task store cannot be written ({e}); nothing "
-                                      "was changed. Try again later.",
-                                      {"Retry-After": str(RETRY_AFTER_S)})
+                    self._send_line(503, f"The task store cannot be written ({e}); nothing "
+                                    "was changed. Try again later.",
+                                    {"Retry-After": str(RETRY_AFTER_S)})
             except CLIENT_GONE:
                 self.close_connection = True
             except Exception:
                 log.exception("error answering %r", self.requestline)
                 self.close_connection = True
                 if not self.sent:
-                    self._send_reason(500, "Internal error; the daemon's log says more.")
+                    self._send_line(500, "Internal error; the daemon's log says more.")
             finally:
                 self._release_body()
             with contextlib.suppress(*CLIENT_GONE):
@@ -2596,13 +2596,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Answer a ping, or an event the task's settings do not accept, queueing
         nothing; False if the event is to be queued."""
         if event.event == "ping":  # GitHub's, when a webhook is created
-            self._send_note(200, f"Ping received: this webhook can start task {name!r}; "
-                                 "nothing queued.")
+            self._send_line(200, f"Ping received: this webhook can start task {name!r}; "
+                                 "nothing queued.", field="message")
             return True
         if settings.events is not None and event_name(event.event) not in settings.events:
             accepted = ", ".join(sorted(settings.events))
-            self._send_note(202, f"Event {event_name(event.event)!r} ignored: {shown_folder}/"
-                                 f"{SETTINGS_FILE} accepts only {accepted}; nothing queued.")
+            self._send_line(202, f"Event {event_name(event.event)!r} ignored: {shown_folder}/"
+                                 f"{SETTINGS_FILE} accepts only {accepted}; nothing queued.",
+                            field="message")
             return True
         return False
 
@@ -2829,20 +2830,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
-    def _send_note(self, status, line):
-        """Send a one-line answer that is no error, as JSON if JSON was asked for."""
-        if self._wants("json"):
-            self._send(status, JSON, json_bytes({"message": line}))
-        else:
-            self._send(status, TEXT, line.encode() + b"\n")
-
-    def _send_reason(self, status, reason, headers=None):
-        """Send a one-line reason, as JSON if JSON was asked for."""
+    def _send_line(self, status, line, headers=None, field="error"):
+        """Send a one-line answer (an error's reason; a note's, with field="message"),
+        as JSON if the Accept header asks for it: the head may not be parsed."""
         if self.headers is not None and "application/json" in self.headers.get("Accept", ""):
-            self._send(status, JSON, json_bytes({"error": reason}), headers)
+            self._send(status, JSON, json_bytes({field: line}), headers)
         else:
-            end = b"" if reason == NOT_FOUND else b"\n"  # the original's exact answer
-            self._send(status, TEXT, reason.encode() + end, headers)
+            end = b"" if line == NOT_FOUND else b"\n"  # the original's exact answer
+            self._send(status, TEXT, line.encode() + end, headers)
 
     def send_error(self, code, message=None, explain=None):
         """The base class's answer to a malformed request, as a one-line plain text."""
@@ -2850,7 +2845,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.request_version or self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # or no status line would be sent
         reason = message or self.responses.get(code, ("Bad request",))[0]
-        self._send_reason(code, reason.replace("\r", " ").replace("\n", " "))
+        self._send_line(code, reason.replace("\r", " ").replace("\n", " "))
 
     def log_request(self, code="-", size="-"):
         """Log refused requests only: the task list is the record of the accepted ones."""
