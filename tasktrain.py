@@ -1582,7 +1582,7 @@ def task_folder(task, shown_scripts_dir):
 def render_process(task, shown_scripts_dir):
     """The PROCESS line: the scripts' glob, unquoted, then each argument quoted."""
     glob = shell_quote(task_folder(task, shown_scripts_dir)) + "/*"
-    return " ".join([glob] + [shell_quote(a) for a in task.args])
+    return glob + " " + command_line(task.args)
 
 
 def render_record_head(task, shown_scripts_dir):
@@ -1882,10 +1882,9 @@ def render_task_html(task, shown_scripts_dir, tail, tail_start, now, position=No
     fields.append(("Duration", render_elapsed(task, now, position)))
     if task.exit_code is not None:
         fields.append(("Exit code", str(task.exit_code)))
-    # The deploy issue's supersede setting adds this field; a task without it has none.
-    superseded_by = getattr(task, "superseded_by", None)
-    if superseded_by:
-        fields.append(("Superseded by", f'<a href="{e(superseded_by)}">{e(superseded_by)}</a>'))
+    if task.superseded_by:
+        fields.append(("Superseded by",
+                       f'<a href="{e(task.superseded_by)}">{e(task.superseded_by)}</a>'))
     fields.append(("Process", f"<code>{e(render_process(task, shown_scripts_dir))}</code>"))
     parts = [
         '<p><a href="../tasks">All tasks</a></p>',
