@@ -92,6 +92,7 @@ ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get t
 # dies, a stop crashes) past threading.TIMEOUT_MAX, ~292 years, and a stop adds graces.
 MAX_SECONDS = 10**9
 COPY_CHUNK_BYTES = 64 * 1024
+WRITE_BUFFER_BYTES = 64 * 1024  # a handler's: most answers leave in one write
 HTML_TAIL_BYTES = 256 * 1024
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
 LIST_REFRESH_S = 3
@@ -153,6 +154,13 @@ NOT_STARTED = ("Task Train could not write this task's log ({}), so it did not s
                "the next script: unlogged, a start could not be told from none.")
 REQUEUED = ("Task Train stopped before this task's first script started; "
             "it was put back at the head of the queue.")
+
+# The client's exit statuses: what a hook or a CI step acts on.
+EXIT_COMPLETE, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+CLIENT_COMMANDS = ("submit", "status", "log", "cancel", "list")
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+CONNECT_TIMEOUT_S = 10
+ANSWER_TIMEOUT_S = 60  # for answers that do not wait for a task
 
 log = logging.getLogger("tasktrain")
 
@@ -2235,7 +2243,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
     # buffered write per response (flushed at the end of _dispatch) sends it in one packet.
     disable_nagle_algorithm = True
-    wbufsize = 64 * 1024
+    wbufsize = WRITE_BUFFER_BYTES
 
     ROUTES = (  # (pattern, {method: handler name})
         (re.compile(r"/"), {"GET": "home"}),
@@ -3006,14 +3014,6 @@ def catch_stop_signals():
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     return reader, writer  # the writer must stay open as long as the handlers are set
-
-
-# The client's exit statuses: what a hook or a CI step acts on.
-EXIT_COMPLETE, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
-CLIENT_COMMANDS = ("submit", "status", "log", "cancel", "list")
-DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
-CONNECT_TIMEOUT_S = 10
-ANSWER_TIMEOUT_S = 60  # for answers that do not wait for a task
 
 
 class Unreachable(Exception):
