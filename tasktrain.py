@@ -66,6 +66,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PORT = 5800
 DEFAULT_KEEP = 1000
 DEFAULT_GRACE_S = 30.0
+STOP_RECORD_MARGIN_S = 5  # beyond the graces of a stop, for its end to be recorded
+JOIN_MARGIN_S = 10        # beyond the grace of a daemon stop, for the runner to end
 
 NAME_RE = re.compile(r"[a-z0-9_-]{3,24}")
 KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -254,7 +256,6 @@ class Submitted(typing.NamedTuple):
     is_new: bool                # False: an identical task was pending already
     position: "int | None"      # its position in the queue when queued (1 runs next)
     synced: typing.Callable     # returns once the task is on disk: call before answering
-    superseded: tuple = ()      # the ids of the pending tasks it cancelled
 
 
 class QueueFull(Exception):
@@ -481,6 +482,9 @@ class TaskStore:
         self._synced = 0        # commits known to be on disk
         self._syncing = False   # a thread is in fsync for the others
         self._synced_changed = threading.Condition(self._lock)
+        # Called, without _lock, after every commit that ended a task (a finish, a
+        # cancel, a supersede): the runner sets it to wake the waits for an end.
+        self.on_ended = lambda: None
         with self._lock:
             crashed, requeued, synced = self._recover()
             last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
@@ -722,7 +726,7 @@ class TaskStore:
             task = Task(format_id(us), name, params_json, "pending", us, body=body,
                         event=event.event, delivery=event.delivery, ref=event.ref,
                         commit=event.commit)
-            with self._superseded_lines([task_id for task_id, _ in old], task.id), \
+            with self._lines_before_commit([task_id for task_id, _ in old], SUPERSEDED % task.id), \
                     self._transaction():
                 self._db.execute(
                     "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us, "
@@ -743,7 +747,9 @@ class TaskStore:
         self._delete_logs(pruned)
         if claimed:
             on_claimed(Claim(claimed, synced))
-        return Submitted(task, True, position, synced, tuple(task_id for task_id, _ in old))
+        if old:
+            self.on_ended()
+        return Submitted(task, True, position, synced)
 
     def _same_keys_pending(self, name, params, ref, keys):
         """(id, fingerprint) of the pending tasks of `name` whose values for `keys` are
@@ -756,16 +762,16 @@ class TaskStore:
                 if supersede_values(json.loads(params_json), old_ref, keys) == values]
 
     @contextlib.contextmanager
-    def _superseded_lines(self, task_ids, new_id):
-        """Write `Superseded by NEW_ID.` to each log before the commit that cancels the
-        tasks, so that a follower who sees one cancelled finds the line; if the commit
-        fails, the logs are cut back. Expects _lock held."""
+    def _lines_before_commit(self, task_ids, line):
+        """Write `line` to each task's log before the commit that ends the tasks, so that
+        a follower who sees one ended finds the line, and a log pruned in that commit is
+        deleted after it; if the commit fails, the logs are cut back. Expects _lock held."""
         sizes = {}
         for task_id in task_ids:
             path = self.log_path(task_id)
             with contextlib.suppress(FileNotFoundError):
                 sizes[task_id] = os.path.getsize(path)
-            append_log_line(path, SUPERSEDED % new_id)
+            append_log_line(path, line)
         try:
             yield
         except BaseException:
@@ -887,25 +893,33 @@ class TaskStore:
                 task = self._claim() if claim_next else None
             synced = self._synced_so_far()
         self._delete_logs(pruned)
+        self.on_ended()
         if task is None:
             synced()
             return None
         return Claim(task, synced)
 
     def cancel_pending(self, task_id):
-        """Cancel a task if it is still pending; returns its status afterwards, or None."""
+        """Cancel a task if it is still pending; returns the task as it is afterwards
+        (as it ended, if that commit pruned it), or None if there is no such task."""
         with self._lock:
-            row = self._row(task_id, "status, fingerprint")
-            if not row or row[0] != "pending":
-                return row[0] if row else None
-            with self._transaction():
-                self._forget_pending(task_id, row[1])
+            row = self._row(task_id, COLUMNS + ", fingerprint")
+            if not row:
+                return None
+            *row, fingerprint = row
+            task = task_from_row(row)
+            if task.status != "pending":
+                return task
+            with self._lines_before_commit([task_id], CANCELLED_PENDING), self._transaction():
+                self._forget_pending(task_id, fingerprint)
                 pruned = self._finish(task_id, "cancelled")
+            row = self._row(task_id)
             synced = self._synced_so_far()
         synced()
         self._delete_logs(pruned)
-        append_log_line(self.log_path(task_id), CANCELLED_PENDING)
-        return "cancelled"
+        self.on_ended()
+        return task_from_row(row) if row else dataclasses.replace(
+            task, status="cancelled", finished_us=now_us())
 
 
 def current_boot_id():
@@ -1038,19 +1052,24 @@ class Runner:
         self.env = {os.fsencode(k): os.fsencode(v)
                     for k, v in os.environ.items() if k not in SECRET_ENV + FORGE_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
-        # Hold _lock whenever reading or changing _stops, _process, _shutdown,
-        # _stop_deadline or _finishing: the runner, handler threads (cancel) and timer
-        # threads (timeout) all do. _stops
-        # maps a task id to the stop asked for it, (status, line for the log); the
-        # first one asked wins. As the runner begins a task it drops every other
-        # task's entry: a stop that came after its task's last script is too late to
-        # matter, and can reach no other task, since an id is claimed only once.
+        store.on_ended = self.task_ended
+        # Hold _lock to read or change any of the fields below: the runner, handler
+        # threads (cancel, shutdown) and timer threads (timeout) all do.
+        # - _stops: task id -> the stop asked for it, (status, line); the first one wins.
+        #   A task's start drops every other task's entry (a stop after a task's last
+        #   script is too late, and an id is claimed only once).
+        # - _process: (task id, Popen) of the script running now, or None.
+        # - _ended: (task id, status) of the last task whose scripts are over.
+        # - _finishing: the Popen of the .on-finish running now, or None.
+        # - _shutdown: (status, line) once the daemon is stopping, else None.
+        # - _stop_deadline: set with _shutdown, when what still runs is killed.
         self._lock = threading.Lock()
         self._stops = {}
-        self._process = None        # (task id, Popen) of the script running now
-        self._shutdown = None       # (status, line) once the daemon is shutting down
-        self._stop_deadline = None  # set with _shutdown: when a running .on-finish is killed
-        self._finishing = None      # the Popen of the .on-finish running now
+        self._process = None
+        self._ended = (None, None)
+        self._finishing = None
+        self._shutdown = None
+        self._stop_deadline = None
         self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
         self._unrecorded = None  # under _task_finished: the task whose end cannot be written
@@ -1083,16 +1102,31 @@ class Runner:
         if current:
             self._begin_stop(current[1])
         self.handed_over.put(None)
-        self._thread.join(self.grace_s + 10)
+        self._thread.join(self.grace_s + JOIN_MARGIN_S)
         self.task_ended()
 
     def stop(self, task_id, status, line):
-        """Stop a task the store has marked running: it ends with `status` and `line`."""
+        """Stop a task the store has marked running: it ends with `status` and `line`.
+        Returns None if a script of it can still be stopped; else the status its
+        scripts ended with (it is stopping what they left, or running .on-finish)."""
         with self._lock:
+            if self._ended[0] == task_id:
+                return self._ended[1]  # a stop after the last script is too late
             self._stops.setdefault(task_id, (status, line))
             current = self._process
         if current and current[0] == task_id:
             self._begin_stop(current[1])
+        return None
+
+    def scripts_ended(self, task_id):
+        """The status the task's scripts ended with, or None if they have not yet."""
+        with self._lock:
+            return self._ended[1] if self._ended[0] == task_id else None
+
+    def stop_wait_s(self):
+        """How long a stop may take before the task's end is recorded: a grace for the
+        script's group, one for what earlier scripts left, and a margin."""
+        return 2 * self.grace_s + STOP_RECORD_MARGIN_S
 
     def wait_finished(self, task_id, timeout_s, or_unrecorded=False):
         """Wait until the task has finished, or will not in this daemon's life (it is
@@ -1222,10 +1256,9 @@ class Runner:
             if outcome.status != "complete":
                 log.warning("task %s (%s) %s, exit code %s",
                             task.id, task.name, outcome.status, outcome.exit_code)
-            claim = self._record_finish(task.id, outcome)
+            claim = self._record_finish(task.id, outcome)  # the store wakes the waits
             with self._task_finished:
                 self._unrecorded = None
-            self.task_ended()
             self._write_notes()
 
     def _record_finish(self, task_id, outcome):
@@ -1264,6 +1297,7 @@ class Runner:
             with TaskLog(self.store.log_path(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
                 scripts, env = self._prepare(task)
+                timeout_s, problem = self._timeout(task)  # once: an edit meanwhile counts next time
                 claim.synced()  # the first script starts only once the claim is on disk
                 with self._lock:
                     never_began = self._shutdown is not None and task.id not in self._stops
@@ -1271,11 +1305,15 @@ class Runner:
                     return Outcome("pending")
                 outcome = Outcome("failed")
                 try:
-                    outcome = self._run_scripts(task, scripts, env, stdin, out)
+                    outcome = self._run_scripts(task, scripts, env, stdin, out, timeout_s,
+                                                problem)
                     return outcome
                 finally:
+                    with self._lock:  # from here on a stop is too late for the task
+                        self._ended = (task.id, outcome.status)
                     self._stop_left_behind(out)
-                    self._run_on_finish(task, outcome, env, stdin, out)
+                    if outcome.runs:  # SPEC 8: only after a task that was started
+                        self._run_on_finish(task, outcome, env, stdin, out, timeout_s)
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
@@ -1306,12 +1344,12 @@ class Runner:
             return self.timeout_s, f"{e} The task was not run."
         return (self.timeout_s if settings.timeout_s is None else settings.timeout_s), None
 
-    def _run_scripts(self, task, scripts, env, stdin, out):
-        """Run the scripts in turn until one fails or the task is stopped."""
+    def _run_scripts(self, task, scripts, env, stdin, out, timeout_s, problem):
+        """Run the scripts in turn until one fails or the task is stopped; `problem`:
+        why its settings cannot be used, which runs none."""
         if not scripts:
             out.write(MISSING_SCRIPTS + "\n")
             return Outcome("failed", 2)
-        timeout_s, problem = self._timeout(task)
         if problem:
             out.write(problem + "\n")
             return Outcome("failed", 2)
@@ -1383,7 +1421,7 @@ class Runner:
 
     # -- after a task: .on-finish --
 
-    def _run_on_finish(self, task, outcome, env, stdin, out):
+    def _run_on_finish(self, task, outcome, env, stdin, out, timeout_s):
         """Run the task's .on-finish, if it has one, once its scripts are done: told
         how the task ended, it cannot change that. Bounded by the task's timeout; at
         a stop, by what is left of --grace, so that a stop takes no longer for it."""
@@ -1414,7 +1452,7 @@ class Runner:
             self._finishing, deadline = proc, self._stop_deadline
         if deadline is not None:  # a stop came after the check above
             self._kill_later(proc, deadline - time.monotonic())
-        timeout_s, timed_out = self._timeout(task)[0], threading.Event()
+        timed_out = threading.Event()
         timer = None
         if timeout_s:
             timer = threading.Timer(timeout_s, self._time_out, (proc, timed_out))
@@ -2614,7 +2652,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
-    def _send_submitted(self, task, is_new, position, synced, superseded=()):
+    def _send_submitted(self, task, is_new, position, synced):
         """Answer a submission with the task's record, once the task is on disk; with
         `Prefer: wait`, answer nothing yet: (task id, seconds, headers) of the wait."""
         if self._wants("json"):
@@ -2624,8 +2662,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content_type = TEXT
             record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
         synced()  # a 2xx promises the task is on disk
-        if superseded:
-            self.server.runner.task_ended()  # for the waits of the tasks it cancelled
         wait_s = self._preferred_wait()
         if wait_s is not None:
             return task.id, wait_s, {"Location": "tasks/" + task.id}
@@ -2731,17 +2767,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def cancel_task(self, task_id):
         """DELETE /tasks/ID: a pending task never runs; a running one is stopped."""
         store, runner = self.server.store, self.server.runner
-        status = self._task(task_id).status
+        status, cancelled = self._task(task_id).status, None
         if status not in FINISHED:
-            status = store.cancel_pending(task_id)
+            cancelled = store.cancel_pending(task_id) or not_found()
+            status = cancelled.status
             if status == "running":
-                runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
-                # A grace for the script's group, one for what earlier scripts left.
-                runner.wait_finished(task_id, 2 * runner.grace_s + 5, or_unrecorded=True)
+                cancelled, ended = None, runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
+                if ended in (None, "cancelled"):  # on its way, or a stop did reach a script
+                    runner.wait_finished(task_id, runner.stop_wait_s(), or_unrecorded=True)
+                    ended = runner.scripts_ended(task_id)  # None: they have not yet
                 status = store.status(task_id)
+                if status == "running" and ended not in (None, "cancelled"):
+                    abort(409, f"Task {task_id} has already finished ({ended}); its end is "
+                               "recorded once its .on-finish has run.")
             if status == "cancelled":  # by this request, or one racing with it
-                runner.task_ended()  # for the waits of a task that was pending
-                return self.show_task(task_id)
+                # A task pruned by its cancel (--keep 0) is answered as it ended.
+                return self._send_task(store.get(task_id) or cancelled or not_found())
         if status in FINISHED:  # also one whose last script exited before the stop came
             abort(409, f"Task {task_id} has already finished ({status}).")
         abort(503, f"Task {task_id} was told to stop, but its end is not recorded yet (the "

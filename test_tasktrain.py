@@ -2075,7 +2075,7 @@ def test_a_database_of_the_first_release_gains_every_added_column_on_open(tmp_pa
         "pending", None, None, None, None)
     event = tasktrain.ForgeEvent("push", "d-1", "refs/heads/main", "1" * 40)
     new = store.submit("hook", {}, b"{}", event=event, webhook_key="k", supersede=("branch",))
-    assert new.superseded == ("5f0000000000a",)
+    assert store.status("5f0000000000a") == "cancelled"
     store.close()
     store = tasktrain.TaskStore(str(tmp_path))  # a second open adds nothing twice
     stored = store.get(new.task.id)
@@ -2238,10 +2238,11 @@ def test_supersede_needs_the_same_values_for_every_key(tmp_path, old, new, super
     keys = ("branch", "env")
     first = store.submit("deploy", old, supersede=keys).task
     second = store.submit("deploy", new, supersede=keys)
-    assert second.superseded == ((first.id,) if superseded else ())
     assert store.status(first.id) == ("cancelled" if superseded else "pending")
     assert store.get(first.id).superseded_by == (second.task.id if superseded else None)
-    assert store.submit("other", old, supersede=keys).superseded == ()  # only the same name
+    store.submit("other", old, supersede=keys)  # only the same name
+    assert store.status(first.id) == ("cancelled" if superseded else "pending")
+    assert store.status(second.task.id) == "pending"
     store.close()
 
 
@@ -2249,7 +2250,7 @@ def test_an_identical_pending_submission_answers_it_and_supersedes_nothing(tmp_p
     store = tasktrain.TaskStore(str(tmp_path))
     first = store.submit("deploy", {"branch": "main"}, supersede=("branch",))
     again = store.submit("deploy", {"branch": "main"}, supersede=("branch",))
-    assert (again.is_new, again.task.id, again.superseded) == (False, first.task.id, ())
+    assert (again.is_new, again.task.id) == (False, first.task.id)
     assert store.status(first.task.id) == "pending" and store.pending_count() == 1
     store.close()
 
@@ -2269,7 +2270,8 @@ def test_superseding_frees_places_under_the_pending_limit(tmp_path):
     with pytest.raises(tasktrain.QueueFull):
         store.submit("deploy", {"branch": "new"}, supersede=("branch",))
     replaced = store.submit("deploy", {"branch": "7", "sha": "2"}, supersede=("branch",))
-    assert len(replaced.superseded) == 1 and store.pending_count() == tasktrain.MAX_PENDING
+    assert store.status(tasktrain.format_id(base_us + 7)) == "cancelled"
+    assert replaced.is_new and store.pending_count() == tasktrain.MAX_PENDING
     store.close()
 
 
@@ -2369,16 +2371,40 @@ def test_on_finish_is_bounded_by_the_tasks_timeout(finish_daemon):
 def test_a_cancel_while_on_finish_runs_leaves_the_task_as_it_ended(tmp_path, daemons):
     add_script(tmp_path, "deploy", "run", "exit 0\n")
     add_script(tmp_path, "deploy", ".on-finish", "echo reporting\n" + UNTIL_GO + "echo reported\n")
-    d = daemons()
+    d = daemons("--grace", "0.2")
     task_id = d.submit("deploy")
     wait_for(lambda: "reporting" in d.log(task_id))
-    answers = []
-    cancel = threading.Thread(target=lambda: answers.append(d.request("DELETE", f"/tasks/{task_id}")))
-    cancel.start()
+    started = time.monotonic()
+    resp = d.request("DELETE", f"/tasks/{task_id}")  # .on-finish waits for $GO meanwhile
+    assert resp.status == 409 and time.monotonic() - started < 2
+    assert "already finished (complete)" in resp.text and ".on-finish" in resp.text
     (tmp_path / "go").touch()
-    cancel.join(DEADLINE_S)
-    assert answers[0].status == 409 and "already finished (complete)" in answers[0].text
+    assert d.wait_status(task_id)["status"] == "complete"
     assert d.log(task_id).endswith("reporting\nreported\nexit code: 0\n\n")
+    assert d.request("DELETE", f"/tasks/{task_id}").status == 409
+
+
+def test_on_finish_runs_only_after_a_task_that_started(tmp_path, daemons):
+    add_script(tmp_path, "edited", "run", "echo started\n" + UNTIL_GO)
+    add_script(tmp_path, "edited", ".on-finish", "sleep 30\n")
+    (tmp_path / "scripts.d" / "edited" / ".task.ini").write_text("[task]\ntimeout = 1\n")
+    for task in ("lost", "broken"):
+        add_script(tmp_path, task, "run", "exit 0\n")
+        add_script(tmp_path, task, ".on-finish", 'echo "finish $TASKTRAIN_TASK_NAME" >> "$GO.order"\n')
+    d = daemons("--grace", "0.2")
+    edited = d.submit("edited")
+    wait_for(lambda: "started" in d.log(edited))
+    lost, broken = d.submit("lost"), d.submit("broken")
+    (tmp_path / "scripts.d" / "lost" / "run").unlink()
+    (tmp_path / "scripts.d" / "broken" / ".task.ini").write_text("[task]\nbogus = 1\n")
+    # Read once as the task starts: an edit now bounds neither its scripts nor .on-finish.
+    (tmp_path / "scripts.d" / "edited" / ".task.ini").write_text("[task]\nbogus = 1\n")
+    (tmp_path / "go").touch()
+    for task_id in (lost, broken):
+        assert d.wait_status(task_id)["status"] == "failed"
+        assert "on-finish" not in d.log(task_id)
+    assert not (tmp_path / "go.order").exists()
+    assert d.log(edited).endswith("exit code: 143\non-finish timed out after 1 s.\n\n")
 
 
 @pytest.mark.parametrize("during, script, ended", [
@@ -2513,6 +2539,69 @@ def test_a_waited_answers_status_and_record_come_from_one_reading(tmp_path, monk
         server.server_close()
         runner.shutdown("stopped")
         store.close()
+
+
+def test_a_follower_of_a_cancelled_pending_task_gets_the_cancel_line(wait_daemon):
+    d = wait_daemon
+    blocker = d.submit("gated", gate="follow")
+    pending = d.submit("gated", gate="never", n="follow")
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=DEADLINE_S)
+    conn.request("GET", f"/tasks/{pending}/log?follow=1")
+    follow = conn.getresponse()
+    assert d.request("DELETE", f"/tasks/{pending}").status == 200
+    assert follow.read().decode() == tasktrain.CANCELLED_PENDING + "\n"  # and it has ended
+    conn.close()
+    (d.root / "go.follow").touch()
+    d.wait_status(blocker)
+
+
+def test_a_cancelled_pending_tasks_line_is_written_before_its_commit(tmp_path, monkeypatch):
+    store = tasktrain.TaskStore(str(tmp_path))
+    task = store.submit("deploy", {}).task
+    release = threading.Event()
+    monkeypatch.setattr(tasktrain, "SYNC_DATA", lambda fd: release.wait(DEADLINE_S))
+    cancel = threading.Thread(target=store.cancel_pending, args=(task.id,))
+    cancel.start()  # its commit is visible at once; its fsync waits for `release`
+    wait_for(lambda: store.status(task.id) == "cancelled")
+    with open(store.log_path(task.id)) as f:
+        assert f.read() == tasktrain.CANCELLED_PENDING + "\n"
+    release.set()
+    cancel.join(DEADLINE_S)
+    store.close()
+
+
+def test_with_keep_0_a_cancelled_pending_task_is_answered_and_leaves_no_log(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    d = daemons("--keep", "0")
+    blocker, victim = d.submit("block"), d.submit("block", n="2")
+    resp = d.request("DELETE", f"/tasks/{victim}")
+    assert resp.status == 200 and record_fields(resp.text)["STATUS"] == "cancelled"
+    assert d.get(f"/tasks/{victim}").status == 404
+    assert os.listdir(d.state / "logs") == [f"{blocker}.log"]
+    (tmp_path / "go").touch()
+    wait_for(lambda: d.get(f"/tasks/{blocker}").status == 404)
+
+
+@pytest.mark.parametrize("ending", ["cancel", "supersede"])
+def test_every_commit_that_ends_a_task_wakes_its_waits(tmp_path, ending):
+    store = tasktrain.TaskStore(str(tmp_path))
+    runner = tasktrain.Runner(store, str(tmp_path), "scripts.d")
+    task = store.submit("deploy", {"branch": "main"}).task
+    asked, status = threading.Event(), store.status
+    store.status = lambda task_id: (asked.set(), status(task_id))[1]
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(runner.wait_finished(task.id, 30)))
+    waiter.start()
+    assert asked.wait(DEADLINE_S)
+    with runner._task_finished:  # taken once the waiter is inside wait(), having looked
+        pass
+    if ending == "cancel":
+        store.cancel_pending(task.id)
+    else:
+        store.submit("deploy", {"branch": "main", "sha": "2"}, supersede=("branch",))
+    waiter.join(5)
+    assert waited == [True]
+    store.close()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
