@@ -478,7 +478,7 @@ class TaskStore:
         self._lock = threading.Lock()
         self._held = None
         self._claiming = False  # True while the runner is ready for tasks
-        self._commits = 0       # commits written to the WAL
+        self._commits = 0       # _transaction's commits (not the unsynced notes of record_*)
         self._synced = 0        # commits known to be on disk
         self._syncing = False   # a thread is in fsync for the others
         self._synced_changed = threading.Condition(self._lock)
@@ -1169,9 +1169,7 @@ class Runner:
     def _begin_stop(self, proc):
         """SIGTERM to the script's process group; SIGKILL to it after the grace period."""
         signal_group(proc.pid, signal.SIGTERM)
-        killer = threading.Timer(self.grace_s, self._kill_unreaped, (proc,))
-        killer.daemon = True
-        killer.start()
+        self._kill_later(proc, self.grace_s)
 
     @staticmethod
     def _kill_unreaped(proc):
@@ -1185,10 +1183,8 @@ class Runner:
         """After a stop: wait for the group's stragglers until `deadline` (default: the
         grace period from now), then SIGKILL what is left."""
         deadline = deadline or time.monotonic() + self.grace_s
-        member = live_member(pgid)
-        while member is not None and time.monotonic() < deadline:
+        while live_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.01)
-            member = live_member(pgid, member)
         signal_group(pgid, signal.SIGKILL)
         reap_group(pgid)  # those that died after the last look
 
@@ -1353,12 +1349,8 @@ class Runner:
         if problem:
             out.write(problem + "\n")
             return Outcome("failed", 2)
-        timer = None
-        if timeout_s:
-            timer = threading.Timer(timeout_s, self.stop, (
-                task.id, "failed", f"Timed out after {timeout_s:g} s."))
-            timer.daemon = True
-            timer.start()
+        timer = timeout_s and start_timer(timeout_s, self.stop, task.id, "failed",
+                                          f"Timed out after {timeout_s:g} s.")
         folder = os.path.join(self.scripts_dir, task.name)
         shown_folder = task_folder(task, self.shown_scripts_dir)
         runs, exit_code, stop = [], 0, None
@@ -1394,11 +1386,8 @@ class Runner:
         """Run one script in its own process group; returns (exit code, seconds, the
         stop that came while it ran, if one did)."""
         started = time.monotonic()
-        if not isinstance(stdin, int):
-            stdin.seek(0)  # every script reads the whole body
         try:
-            proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = start_script(argv, folder, env, stdin, out)
         except OSError as e:
             out.write(f"cannot run {argv[0]}: {why_not_run(argv[0], e)}\n")
             exit_code = 127 if isinstance(e, FileNotFoundError) else 126
@@ -1414,9 +1403,7 @@ class Runner:
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
         self._reap_left_behind()
-        # A script killed by signal N exits 128 + N, as a shell reports it.
-        exit_code = returncode if returncode >= 0 else 128 - returncode
-        return exit_code, time.monotonic() - started, stop
+        return exit_status(returncode), time.monotonic() - started, stop
 
 
     # -- after a task: .on-finish --
@@ -1439,12 +1426,8 @@ class Runner:
             return
         env = {**env, b"TASKTRAIN_STATUS": outcome.status.encode(),
                b"TASKTRAIN_EXIT_CODE": exit_code.encode()}
-        if not isinstance(stdin, int):
-            stdin.seek(0)
         try:
-            proc = subprocess.Popen([path] + task.args, cwd=os.path.dirname(path), env=env,
-                                    stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = start_script([path] + task.args, os.path.dirname(path), env, stdin, out)
         except OSError as e:
             out.write(f"cannot run {shown}: {why_not_run(path, e)}\n\n")
             return
@@ -1453,11 +1436,7 @@ class Runner:
         if deadline is not None:  # a stop came after the check above
             self._kill_later(proc, deadline - time.monotonic())
         timed_out = threading.Event()
-        timer = None
-        if timeout_s:
-            timer = threading.Timer(timeout_s, self._time_out, (proc, timed_out))
-            timer.daemon = True
-            timer.start()
+        timer = timeout_s and start_timer(timeout_s, self._time_out, proc, timed_out)
         returncode = proc.wait()
         if timer:
             timer.cancel()
@@ -1466,7 +1445,7 @@ class Runner:
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
             self._stop_left_behind(out)
-        out.write(f"exit code: {returncode if returncode >= 0 else 128 - returncode}\n")
+        out.write(f"exit code: {exit_status(returncode)}\n")
         if timed_out.is_set():
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
         out.write("\n")
@@ -1478,9 +1457,29 @@ class Runner:
 
     def _kill_later(self, proc, seconds):
         """SIGKILL a process's group in `seconds` if its leader is still unreaped."""
-        killer = threading.Timer(max(0.0, seconds), self._kill_unreaped, (proc,))
-        killer.daemon = True
-        killer.start()
+        start_timer(max(0.0, seconds), self._kill_unreaped, proc)
+
+
+def start_script(argv, folder, env, stdin, out):
+    """Start a script (or .on-finish) in its own process group, output to the log;
+    every one reads the whole body."""
+    if not isinstance(stdin, int):
+        stdin.seek(0)
+    return subprocess.Popen(argv, cwd=folder, env=env, stdin=stdin, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def exit_status(returncode):
+    """A script's exit code; one killed by signal N exits 128 + N, as a shell reports it."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def start_timer(seconds, function, *args):
+    """Call `function(*args)` in `seconds` on a daemon thread; returns the Timer."""
+    timer = threading.Timer(seconds, function, args)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 @contextlib.contextmanager
@@ -1523,27 +1522,13 @@ def signal_group(pgid, signum):
         return False
 
 
-def live_member(pgid, last=None):
-    """A process of the group that has not exited, or None once none is left.
+def live_members(pgid):
+    """The processes of a group that have not exited.
 
     Exited members linger as zombies until their parent reaps them: the daemon reaps
     those that are its own (when it is PID 1, in a container, orphans become its
-    children); on Linux, those another PID 1 has yet to reap do not count. `last`,
-    what the previous call found, is looked at before the rest.
+    children); those another PID 1 has yet to reap do not count.
     """
-    reap_group(pgid)
-    if not signal_group(pgid, 0):
-        return None
-    if not os.path.isdir("/proc"):  # macOS: a zombie counts as alive
-        return pgid
-    if last and member_runs(last, pgid):
-        return last
-    return next((pid for pid in os.listdir("/proc") if pid.isdigit() and member_runs(pid, pgid)),
-                None)
-
-
-def live_members(pgid):
-    """The processes of a group that have not exited, as live_member() counts them."""
     reap_group(pgid)
     if not signal_group(pgid, 0):
         return []
