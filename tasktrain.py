@@ -42,6 +42,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -1181,12 +1182,18 @@ class Runner:
 
     def _await_group(self, pgid, deadline=None):
         """After a stop: wait for the group's stragglers until `deadline` (default: the
-        grace period from now), then SIGKILL what is left."""
+        grace period from now), or a daemon stop's deadline if sooner, then SIGKILL
+        what is left."""
         deadline = deadline or time.monotonic() + self.grace_s
-        while live_members(pgid) and time.monotonic() < deadline:
+        while live_members(pgid) and time.monotonic() < min(deadline, self._stop_by()):
             time.sleep(0.01)
         signal_group(pgid, signal.SIGKILL)
         reap_group(pgid)  # those that died after the last look
+
+    def _stop_by(self):
+        """When a daemon stop kills what still runs (one grace after its signal), or inf."""
+        with self._lock:
+            return math.inf if self._stop_deadline is None else self._stop_deadline
 
     def _reap_left_behind(self):
         """Collect the members left behind that have exited since; forget empty groups.
@@ -1206,10 +1213,7 @@ class Runner:
             return
         for pgid in members:
             signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        with self._lock:  # a daemon stop's grace, already running, bounds this one too
-            if self._stop_deadline is not None:
-                deadline = min(deadline, self._stop_deadline)
+        deadline = time.monotonic() + self.grace_s  # one for all the groups
         for pgid in members:
             self._await_group(pgid, deadline)
         count = sum(map(len, members.values()))

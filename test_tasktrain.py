@@ -321,6 +321,17 @@ def test_a_stop_takes_one_grace_also_for_what_earlier_scripts_left(tmp_path, dae
     assert "Stopped 1 process left running" in (d.state / "logs" / f"{task_id}.log").read_text()
 
 
+def test_a_stop_takes_one_grace_also_for_what_a_stopped_script_leaves_behind(tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", "trap 'sleep 0.8; exit 0' TERM\n"  # exits late
+               "(trap '' TERM; exec sleep 30) &\necho started\nwhile :; do sleep 0.05; done\n")
+    d = daemons("--grace", "1")
+    task_id = d.submit("deploy")
+    wait_for(lambda: "started" in d.log(task_id))
+    started = time.monotonic()
+    assert d.signal(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 1.5  # one grace of 1 s from the signal, not 0.8 s + 1
+
+
 def test_sigterm_fails_running_task_keeps_pending_and_exits_0(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", "echo started; trap '' TERM; sleep 30\n")
     add_script(tmp_path, "quick", "run", "exit 0\n")
