@@ -727,8 +727,8 @@ class TaskStore:
             task = Task(format_id(us), name, params_json, "pending", us, body=body,
                         event=event.event, delivery=event.delivery, ref=event.ref,
                         commit=event.commit)
-            with self._lines_before_commit([task_id for task_id, _ in old], SUPERSEDED % task.id), \
-                    self._transaction():
+            superseded = [task_id for task_id, _ in old]
+            with self._lines_before_commit(superseded, SUPERSEDED % task.id), self._transaction():
                 self._db.execute(
                     "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us, "
                     "event, delivery, ref, commit_sha, webhook_sha256) "
@@ -1297,7 +1297,7 @@ class Runner:
             with TaskLog(self.store.log_path(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
                 scripts, env = self._prepare(task)
-                timeout_s, problem = self._timeout(task)  # once: an edit meanwhile counts next time
+                timeout_s, problem = self._timeout(task)  # read once: bounds .on-finish too
                 claim.synced()  # the first script starts only once the claim is on disk
                 with self._lock:
                     never_began = self._shutdown is not None and task.id not in self._stops

@@ -2401,7 +2401,7 @@ def test_on_finish_runs_only_after_a_task_that_started(tmp_path, daemons):
     (tmp_path / "scripts.d" / "edited" / ".task.ini").write_text("[task]\ntimeout = 1\n")
     for task in ("lost", "broken"):
         add_script(tmp_path, task, "run", "exit 0\n")
-        add_script(tmp_path, task, ".on-finish", 'echo "finish $TASKTRAIN_TASK_NAME" >> "$GO.order"\n')
+        add_script(tmp_path, task, ".on-finish", 'echo "finish $1" >> "$GO.order"\n')
     d = daemons("--grace", "0.2")
     edited = d.submit("edited")
     wait_for(lambda: "started" in d.log(edited))
