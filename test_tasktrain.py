@@ -2113,6 +2113,7 @@ def test_a_database_of_the_first_release_gains_every_added_column_on_open(tmp_pa
     ("[task]\nsupersede = ref branch ref\ntimeout = 90\n",
      tasktrain.TaskSettings(supersede=("ref", "branch"), timeout_s=90.0)),
     ("; no limit for this one\n[task]\nTimeout = 0\n", tasktrain.TaskSettings(timeout_s=0.0)),
+    ("\ufeff[task]\nevents = push\n", tasktrain.TaskSettings(events=frozenset({"push"}))),
 ])
 def test_task_settings_are_read_and_default_where_absent(tmp_path, text, settings):
     if text is not None:
