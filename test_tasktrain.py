@@ -761,12 +761,18 @@ def test_head_answers_headers_only(idle_daemon):
 # §3 JSON, logs, follow, cancel
 # ----------------------------------------------------------------------------
 
-def test_json_record_has_the_contract_fields(tmp_path, daemons):
+def two_scripts_the_second_failing(tmp_path, daemons):
+    """A daemon that ran task `two` (scripts a: echo one, b: exit 3) with k=v to its
+    end; returns the daemon, the task's id and its JSON."""
     add_script(tmp_path, "two", "a", "echo one\n")
     add_script(tmp_path, "two", "b", "exit 3\n")
     d = daemons()
     task_id = d.submit("two", k="v")
-    task = d.wait_status(task_id)
+    return d, task_id, d.wait_status(task_id)
+
+
+def test_json_record_has_the_contract_fields(tmp_path, daemons):
+    d, task_id, task = two_scripts_the_second_failing(tmp_path, daemons)
     assert set(task) == {"id", "name", "params", "status", "created", "started", "finished",
                          "exit_code", "process", "position", "scripts", "event", "delivery",
                          "ref", "commit", "superseded_by", "output"}
@@ -1438,11 +1444,7 @@ def test_the_live_page_follows_from_where_its_tail_ends(tmp_path, daemons):
 
 
 def test_task_page_shows_each_scripts_exit_code_and_duration(tmp_path, daemons):
-    add_script(tmp_path, "two", "a", "echo one\n")
-    add_script(tmp_path, "two", "b", "exit 3\n")
-    d = daemons()
-    task_id = d.submit("two", k="v")
-    task = d.wait_status(task_id)
+    d, task_id, task = two_scripts_the_second_failing(tmp_path, daemons)
     page = d.get(f"/tasks/{task_id}?format=html").text
     fields = dict(re.findall(r"<tr><th>([^<]+)</th><td>(.*?)</td></tr>", page))
     assert fields["Status"] == '<span id="status" class="failed">failed</span>'
