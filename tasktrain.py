@@ -22,6 +22,7 @@ __version__ = "1.0.0"
 __all__ = ["TaskStore", "Runner", "TaskTrainServer", "Handler", "main"]
 
 import argparse
+import ast
 import base64
 import bisect
 import codecs
@@ -356,10 +357,10 @@ def settings_syntax_problem(error):
     if isinstance(error, configparser.DuplicateSectionError):
         return f"line {error.lineno}: [{error.section}] appears twice."
     if isinstance(error, configparser.ParsingError) and error.errors:
-        lineno, line = error.errors[0]  # repr() of the line, its newline included
-        if line[-3:-1] == "\\n":
-            line = line[:-3] + line[-1]
-        return f"line {lineno}: not a 'key = value' line: {line}."
+        lineno, line = error.errors[0]
+        if line[:1] in ("'", '"') and line[-1:] == line[:1]:  # a repr() before Python 3.13
+            line = ast.literal_eval(line)
+        return f"line {lineno}: not a 'key = value' line: {line.strip()!r}."
     return " ".join(str(error).split())
 
 
