@@ -2429,7 +2429,7 @@ def test_a_stop_still_runs_on_finish_within_the_grace(tmp_path, daemons, during,
     add_script(tmp_path, "deploy", "run", script)
     add_script(tmp_path, "deploy", ".on-finish",
                'echo "reporting $TASKTRAIN_STATUS"; trap "" TERM; sleep 30\n')
-    d = daemons("--grace", "0.3")
+    d = daemons("--grace", "1")  # what is left of it must still let .on-finish start
     task_id = d.submit("deploy")
     wait_for(lambda: ("started" if during == "scripts" else "reporting") in d.log(task_id))
     started = time.monotonic()
