@@ -1076,6 +1076,8 @@ def submit_until_refused(d, name):
     raise AssertionError("no submission was refused")
 
 
+NEEDS_PRLIMIT = pytest.mark.skipif(not hasattr(resource, "prlimit"),
+                                   reason="needs Linux's prlimit")
 # Files may not grow past 96 KiB, as on a full disk (SIGXFSZ ignored: the write fails).
 FULL_DISK = ("import os, resource, signal, sys\n"
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
@@ -1083,7 +1085,7 @@ FULL_DISK = ("import os, resource, signal, sys\n"
              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+@NEEDS_PRLIMIT
 def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(tmp_path,
                                                                                  daemons):
     add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
@@ -1099,7 +1101,7 @@ def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(
     assert ran == [f"--i={i}" for i in range(len(accepted) - 1)] + ["--i=late"]
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+@NEEDS_PRLIMIT
 def test_a_stop_while_a_tasks_end_cannot_be_written_fails_it_at_the_next_start(tmp_path,
                                                                              daemons):
     add_script(tmp_path, "gate", "run", UNTIL_GO + 'echo gate >> "$GO.ran"\n')
@@ -2429,15 +2431,15 @@ def test_a_stop_still_runs_on_finish_within_the_grace(tmp_path, daemons, during,
     add_script(tmp_path, "deploy", "run", script)
     add_script(tmp_path, "deploy", ".on-finish",
                'echo "reporting $TASKTRAIN_STATUS"; trap "" TERM; sleep 30\n')
-    d = daemons("--grace", "1")  # what is left of it must still let .on-finish start
+    d = daemons("--grace", "2")  # what is left of it must still let .on-finish start
     task_id = d.submit("deploy")
     wait_for(lambda: ("started" if during == "scripts" else "reporting") in d.log(task_id))
     started = time.monotonic()
     assert d.signal(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 3  # the grace bounds the scripts and .on-finish both
+    assert time.monotonic() - started < 6  # the grace bounds the scripts and .on-finish both
     output = (d.state / "logs" / f"{task_id}.log").read_text()
-    assert f"on-finish ({ended}): " in output
-    assert output.endswith(f"reporting {ended.split()[1].rstrip(',')}\nexit code: 137\n\n")
+    assert f"on-finish ({ended}): " in output, output
+    assert f"reporting {ended.split()[1].rstrip(',')}\nexit code: 137\n" in output, output
 
 
 # ----------------------------------------------------------------------------
@@ -3011,12 +3013,19 @@ def test_a_task_claimed_but_never_started_before_a_crash_goes_back_to_the_head(t
 FILLS_ITS_LOG = "trap '' XFSZ\nhead -c 200000 /dev/zero 2>/dev/null\nexit 0\n"
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
-def test_a_full_disk_never_makes_a_success_look_like_a_failure(tmp_path, daemons):
-    add_script(tmp_path, "fill", "run", FILLS_ITS_LOG)
-    add_script(tmp_path, "quick", "run", "exit 0\n")
+def run_on_a_full_disk(tmp_path, daemons, name, scripts):
+    """Run task `name`, its scripts a {file name: text} table, to its end in a daemon
+    whose files may not grow past 96 KiB; returns the daemon and the task's JSON."""
+    for filename, text in scripts.items():
+        add_script(tmp_path, name, filename, text)
     d = daemons(wrapper=FULL_DISK)
-    task = d.wait_status(d.submit("fill"))
+    return d, d.wait_status(d.submit(name))
+
+
+@NEEDS_PRLIMIT
+def test_a_full_disk_never_makes_a_success_look_like_a_failure(tmp_path, daemons):
+    add_script(tmp_path, "quick", "run", "exit 0\n")
+    d, task = run_on_a_full_disk(tmp_path, daemons, "fill", {"run": FILLS_ITS_LOG})
     assert (task["status"], task["exit_code"]) == ("complete", 0)
     assert [run["exit_code"] for run in task["scripts"]] == [0]
     assert "Traceback" not in d.stderr()
@@ -3026,7 +3035,7 @@ def test_a_full_disk_never_makes_a_success_look_like_a_failure(tmp_path, daemons
         tasktrain.OUTPUT_LOST.format("File too large") + "\n")
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+@NEEDS_PRLIMIT
 def test_a_cancel_whose_end_cannot_be_recorded_is_a_503_not_a_200(tmp_path, daemons):
     add_script(tmp_path, "gate", "run", "echo started\n" + UNTIL_GO)
     d = daemons("--grace", "0.2", wrapper=FULL_DISK)
@@ -3042,12 +3051,10 @@ def test_a_cancel_whose_end_cannot_be_recorded_is_a_503_not_a_200(tmp_path, daem
     assert d.task(gate)["status"] == "running"  # as the 503 says; recorded once there is room
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux's prlimit")
+@NEEDS_PRLIMIT
 def test_a_script_whose_command_line_cannot_be_logged_is_not_started(tmp_path, daemons):
-    add_script(tmp_path, "two", "1-fill", FILLS_ITS_LOG)
-    add_script(tmp_path, "two", "2-next", 'touch "$GO.ran"\n')
-    d = daemons(wrapper=FULL_DISK)
-    task = d.wait_status(d.submit("two"))
+    _, task = run_on_a_full_disk(tmp_path, daemons, "two", {
+        "1-fill": FILLS_ITS_LOG, "2-next": 'touch "$GO.ran"\n'})
     # Started without its command line in the log, it could pass for never started
     # after a crash, and run again.
     assert (task["status"], task["exit_code"]) == ("failed", None)
