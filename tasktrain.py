@@ -1273,7 +1273,8 @@ class Runner:
         """
         while True:
             try:
-                return self.store.finish(task_id, *outcome,
+                return self.store.finish(task_id, outcome.status, outcome.exit_code,
+                                         outcome.runs,
                                          claim_next=not self._shutting_down.is_set())
             except sqlite3.OperationalError as e:  # a full or locked disk: worth another try
                 log.error("task %s: cannot record that it ended: %s", task_id, e)

@@ -3105,7 +3105,7 @@ def test_request_bodies_held_at_once_are_bounded_in_total(tmp_path, daemons, opt
 ], ids=["head", "body"])
 def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
         tmp_path, monkeypatch, start, trickle, answer):
-    monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.3, raising=False)
+    monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.3)
     monkeypatch.setattr(tasktrain.Handler, "timeout", 0.3)  # each wait for data
     store, runner = start_runner(tmp_path)
     server = tasktrain.TaskTrainServer(("127.0.0.1", 0), store, runner)
