@@ -134,6 +134,7 @@ FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 
 SAME_SITE_FETCHES = ("same-origin", "none")
 # Editor and package-manager leftovers: an Emacs backup `run~` keeps the exec bit.
 LEFTOVER_PATTERNS = ("*~", "*.bak", "*.orig", "*.swp", "*.dpkg-*", "*.rpmnew", "*.rpmsave")
+LEFTOVER_RE = re.compile("|".join(map(fnmatch.translate, LEFTOVER_PATTERNS)))
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json; charset=utf-8"
@@ -302,7 +303,7 @@ def list_scripts(folder, first_only=False):
 
 def is_leftover(filename):
     """Whether a file name is an editor's backup or a package manager's leftover."""
-    return any(fnmatch.fnmatchcase(filename, pattern) for pattern in LEFTOVER_PATTERNS)
+    return LEFTOVER_RE.match(filename) is not None
 
 
 def has_scripts(folder):
@@ -469,6 +470,8 @@ class TaskStore:
         self.keep = keep
         self.log_dir = os.path.join(state_dir, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
+        # An empty file that becomes the next started task's log (see make_spare_log).
+        self._spare_log = os.path.join(state_dir, "spare.log")
         self._lock_file = self._lock_state_dir(state_dir)
         self._db, self._wal_fd = self._open(os.path.join(state_dir, "tasks.sqlite3"))
         # Hold _lock whenever touching _db or the fields below.
@@ -483,7 +486,7 @@ class TaskStore:
         self._claiming = False  # True while the runner is ready for tasks
         self._commits = 0       # _transaction's commits (not the unsynced notes of record_*)
         self._synced = 0        # commits known to be on disk
-        self._syncing = False   # a thread is in fsync for the others
+        self._syncing_to = []   # per fsync under way: the commits it makes durable
         self._synced_changed = threading.Condition(self._lock)
         # Called, without _lock, after every commit that ended a task (a finish, a
         # cancel, a supersede): the runner sets it to wake the waits for an end.
@@ -565,6 +568,23 @@ class TaskStore:
         """Where a task's output is."""
         return os.path.join(self.log_dir, task_id + ".log")
 
+    def make_spare_log(self):
+        """Create the file the next task to start takes as its log, unless it is there.
+        The runner calls this while it waits (for a script, or for work): creating a
+        file took 0.36 ms on ext4 here, linking one into place 0.014 ms, and a task's
+        start waits for its log."""
+        with contextlib.suppress(OSError):  # a full disk: the task makes its own
+            os.close(os.open(self._spare_log, os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def take_spare_log(self, task_id):
+        """Make the spare file the log of a task about to start; returns its path. A
+        task that already has a log (lines written while it was pending) keeps it."""
+        path = self.log_path(task_id)
+        with contextlib.suppress(OSError):  # none spare, or a log already: opened as is
+            os.link(self._spare_log, path)
+            os.unlink(self._spare_log)
+        return path
+
     # -- helpers that expect _lock held --
 
     def _load_mirrors(self):
@@ -593,9 +613,10 @@ class TaskStore:
             raise
         self._commits += 1
 
-    def _synced_so_far(self):
-        """A function that returns once every commit written so far is on disk."""
-        return functools.partial(self._sync, self._commits)
+    def _synced_so_far(self, by_runner=False):
+        """A function that returns once every commit written so far is on disk;
+        `by_runner`: the runner waits on it, to start or end a task (see _sync)."""
+        return functools.partial(self._sync, self._commits, by_runner)
 
     def _next_us(self):
         """The clock in microseconds, bumped so that ids never repeat and always increase."""
@@ -667,26 +688,31 @@ class TaskStore:
 
     # -- disk work, done outside _lock --
 
-    def _sync(self, ticket):
+    def _sync(self, ticket, by_runner=False):
         """Return once commit number `ticket` is on disk.
 
-        One thread at a time syncs the WAL, which makes every commit written before
-        it started durable; the others wait for it and mostly find their work done.
+        An fsync of the WAL makes every commit written before it began durable, so
+        one thread syncs for all: the others wait for it and mostly find their work
+        done. The runner's wait does not queue behind an fsync that began before its
+        commit: it syncs at once, beside that one. Behind a burst of
+        submitters it waited 5.4 ms (median) for each task's start that way, for a
+        0.2 ms fsync.
         """
         with self._synced_changed:
-            while self._synced < ticket and self._syncing:
+            while self._synced < ticket and self._syncing_to and (
+                    max(self._syncing_to) >= ticket or not by_runner):
                 self._synced_changed.wait()
             if self._wal_fd is None or self._synced >= ticket:
                 return
-            self._syncing = True
             written = self._commits
+            self._syncing_to.append(written)
         synced = False
         try:
             SYNC_DATA(self._wal_fd)
             synced = True
         finally:
             with self._synced_changed:
-                self._syncing = False
+                self._syncing_to.remove(written)
                 if synced:
                     self._synced = max(self._synced, written)
                 self._synced_changed.notify_all()
@@ -746,10 +772,10 @@ class TaskStore:
                 self._pending_fingerprints[fingerprint] = task.id
                 position = len(self._pending)
                 claimed = self._claim() if on_claimed else None
-            synced = self._synced_so_far()
+            synced, runner_synced = self._synced_so_far(), self._synced_so_far(by_runner=True)
         self._delete_logs(pruned)
         if claimed:
-            on_claimed(Claim(claimed, synced))
+            on_claimed(Claim(claimed, runner_synced))
         if old:
             self.on_ended()
         return Submitted(task, True, position, synced)
@@ -840,7 +866,7 @@ class TaskStore:
         with self._lock:
             with self._transaction():
                 task = self._claim()
-            return Claim(task, self._synced_so_far()) if task else None
+            return Claim(task, self._synced_so_far(by_runner=True)) if task else None
 
     def start_claiming(self):
         """Let tasks be claimed: the runner is ready. Returns the oldest pending task's
@@ -894,7 +920,7 @@ class TaskStore:
                 pruned = self._finish(task_id, status, exit_code, runs)
                 self._held = None  # if the commit fails, the task still holds the runner
                 task = self._claim() if claim_next else None
-            synced = self._synced_so_far()
+            synced = self._synced_so_far(by_runner=True)
         self._delete_logs(pruned)
         self.on_ended()
         if task is None:
@@ -1246,6 +1272,7 @@ class Runner:
         claim = self.store.start_claiming()
         while True:
             if claim is None:
+                self.store.make_spare_log()
                 claim = self.handed_over.get()
             if claim is None or self._shutting_down.is_set():
                 self.store.stop_claiming()  # a claimed task not yet begun goes back
@@ -1297,7 +1324,7 @@ class Runner:
             self._stops = {task.id: self._stops[task.id]} if task.id in self._stops else {}
         self._write_notes()  # a note a full disk held back may fit by now
         try:
-            with TaskLog(self.store.log_path(task.id)) as out, \
+            with TaskLog(self.store.take_spare_log(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
                 scripts, env = self._prepare(task)
                 timeout_s, problem = self._timeout(task)  # read once: bounds .on-finish too
@@ -1403,6 +1430,7 @@ class Runner:
             self._begin_stop(proc)
         with contextlib.suppress(sqlite3.Error):  # a full disk must not orphan the script
             self.store.record_process(task.id, proc.pid)
+        self.store.make_spare_log()  # while the script runs: off the next start's path
         returncode = proc.wait()
         stop = self._track(task.id, None)
         if stop:
@@ -2079,6 +2107,7 @@ def host_name(value):
     return value.rstrip(".")
 
 
+@functools.lru_cache(maxsize=64)  # ipaddress's parse was ~5% of a submission's CPU
 def is_loopback_name(name):
     """Whether a Host name (or a --host to listen on) can only mean this machine:
     localhost, *.localhost (RFC 6761), 127.0.0.0/8 or ::1."""
@@ -2886,6 +2915,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # or no status line would be sent
         reason = message or self.responses.get(code, ("Bad request",))[0]
         self._send_line(code, reason.replace("\r", " ").replace("\n", " "))
+
+    _date = (None, "")  # (second, the Date header's value for it)
+
+    def date_time_string(self, timestamp=None):
+        """The Date header's value, made once a second rather than for every answer
+        (formatdate took ~4% of a submission's CPU). A tuple replaces a tuple: no lock."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        date = Handler._date
+        if date[0] != second:
+            date = Handler._date = (second, super().date_time_string(second))
+        return date[1]
 
     def log_request(self, code="-", size="-"):
         """Log refused requests only: the task list is the record of the accepted ones."""

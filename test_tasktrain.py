@@ -24,6 +24,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import queue
 import threading
 import time
 import urllib.parse
@@ -3134,3 +3135,52 @@ def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
         server.server_close()
         runner.shutdown("stopped")
         store.close()
+
+
+def test_the_runners_sync_does_not_queue_behind_an_fsync_begun_before_its_claim(
+        tmp_path, monkeypatch):
+    store = tasktrain.TaskStore(str(tmp_path))
+    first_sync_began, release = threading.Event(), threading.Event()
+
+    def sync_data(fd):  # the first fsync (a submitter's) hangs until released
+        if not first_sync_began.is_set():
+            first_sync_began.set()
+            release.wait(DEADLINE_S)
+
+    monkeypatch.setattr(tasktrain, "SYNC_DATA", sync_data)
+    assert store.start_claiming() is None  # the runner is ready
+    submitter = threading.Thread(target=lambda: store.submit("deploy", {"n": "1"}).synced())
+    submitter.start()
+    assert first_sync_began.wait(DEADLINE_S)
+    claims = queue.Queue()  # claimed in a commit after that fsync began
+    store.submit("deploy", {"n": "2"}, on_claimed=claims.put)
+    claim = claims.get(timeout=DEADLINE_S)
+    waited = threading.Thread(target=claim.synced)
+    waited.start()
+    waited.join(DEADLINE_S / 4)
+    try:
+        assert not waited.is_alive(), "the claim waited for an fsync that cannot cover it"
+        assert submitter.is_alive()  # still in that first fsync
+    finally:
+        release.set()
+        submitter.join(DEADLINE_S)
+        waited.join(DEADLINE_S)
+        store.close()
+
+
+def test_the_next_tasks_log_is_made_ahead_and_a_log_already_there_is_kept(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", UNTIL_GO)
+    add_script(tmp_path, "hello", "run", "echo hello\n")
+    d = daemons()
+    spare = d.state / "spare.log"
+    wait_for(spare.exists)  # made while the idle runner waits for work
+    blocker = d.submit("block")
+    victim, kept = d.submit("hello", n="1"), d.submit("hello", n="2")
+    assert d.request("DELETE", f"/tasks/{victim}").status == 200
+    (d.state / "logs" / f"{kept}.log").write_text("a line from before its start\n")
+    (tmp_path / "go").touch()
+    output = d.wait_status(kept)["output"]
+    assert output.startswith("a line from before its start\n") and "\nhello\n" in output
+    assert d.wait_status(blocker)["status"] == "complete"
+    wait_for(spare.exists)  # and again, for the task after
+    assert spare.stat().st_size == 0
