@@ -3184,3 +3184,13 @@ def test_the_next_tasks_log_is_made_ahead_and_a_log_already_there_is_kept(tmp_pa
     assert d.wait_status(blocker)["status"] == "complete"
     wait_for(spare.exists)  # and again, for the task after
     assert spare.stat().st_size == 0
+
+
+def test_a_spare_log_left_by_a_crash_never_becomes_a_tasks_log(tmp_path, daemons):
+    add_script(tmp_path, "hello", "run", "echo hello\n")
+    (tmp_path / "state").mkdir()
+    # As a crash between linking the spare into place and unlinking it leaves it.
+    (tmp_path / "state" / "spare.log").write_text("another task's output\n")
+    d = daemons()
+    output = d.wait_status(d.submit("hello"))["output"]
+    assert "another task's output" not in output and "\nhello\n" in output
