@@ -258,7 +258,19 @@ class Submitted(typing.NamedTuple):
     task: Task                  # as queued: pending, even if it already runs
     is_new: bool                # False: an identical task was pending already
     position: "int | None"      # its position in the queue when queued (1 runs next)
-    synced: typing.Callable     # returns once the task is on disk: call before answering
+    synced: typing.Callable     # returns once the task is on disk (raises if it was
+                                # undone): call it first, before answering
+
+
+class Transaction:
+    """One of the store's transactions: its number (they commit in that order), and
+    why it was undone, if it was. A write's waiters hold it to learn either."""
+
+    __slots__ = ("number", "error")
+
+    def __init__(self, number):
+        self.number = number
+        self.error = None
 
 
 class QueueFull(Exception):
@@ -487,9 +499,10 @@ class TaskStore:
         self._lock = threading.Lock()
         self._held = None
         self._claiming = False  # True while the runner is ready for tasks
-        self._commits = 0       # _transaction's commits (not the unsynced notes of record_*)
-        self._synced = 0        # commits known to be on disk
-        self._syncing_to = []   # per fsync under way: the commits it makes durable
+        self._transaction_now = Transaction(0)  # the open one, or the last one begun
+        self._committed = 0     # the number of the last transaction committed
+        self._synced = 0        # ... and of the last one known to be on disk
+        self._syncing_to = []   # per fsync under way: the last transaction it makes durable
         self._synced_changed = threading.Condition(self._lock)
         # Called, without _lock, after every commit that ended a task (a finish, a
         # cancel, a supersede): the runner sets it to wake the waits for an end.
@@ -562,6 +575,9 @@ class TaskStore:
     def close(self):
         """Close the database and release the state dir."""
         with self._lock:
+            if self._db.in_transaction:  # tasks no answer has promised yet: kept all the same
+                with contextlib.suppress(sqlite3.Error):
+                    self._commit()
             self._db.close()
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
@@ -600,26 +616,51 @@ class TaskStore:
             f"SELECT count(*) FROM tasks WHERE {IS_FINISHED_SQL}").fetchone()[0]
 
     @contextlib.contextmanager
-    def _transaction(self):
-        """One commit for several writes; if it fails, the mirrors are read again and
-        a claim made inside it is undone. Follow it with _synced_so_far()."""
+    def _transaction(self, commit=True):
+        """Writes in the open transaction (begun if none is), committed at the end;
+        if anything fails, the whole transaction is undone (_roll_back). Follow it
+        with _synced_so_far().
+
+        With commit=False it stays open, and the first _sync that needs it commits
+        it: the submissions that come in meanwhile join it, and a burst's tasks cost
+        one commit, not one each (BEGIN, INSERT, COMMIT were the largest part of a
+        submission's CPU). Only a new pending task is left so, whose undoing touches
+        nothing but the table and its mirrors.
+        """
         held = self._held
-        self._db.execute("BEGIN")
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+            self._transaction_now = Transaction(self._transaction_now.number + 1)
         try:
             yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:  # a full disk makes SQLite roll back by itself
-                self._db.execute("ROLLBACK")
-            self._held = held
-            self._load_mirrors()
+            if commit:
+                self._commit()
+        except BaseException as e:
+            self._roll_back(held, e)
             raise
-        self._commits += 1
+
+    def _commit(self):
+        """Commit the open transaction."""
+        self._db.execute("COMMIT")
+        self._committed = self._transaction_now.number
+
+    def _roll_back(self, held, error):
+        """Undo the open transaction, every write that joined it: the runner holds
+        what it held before (`held`), the mirrors are read again, and the writes'
+        waiters learn why."""
+        if self._db.in_transaction:  # a full disk makes SQLite roll back by itself
+            self._db.execute("ROLLBACK")
+        if self._committed < self._transaction_now.number:
+            self._transaction_now.error = str(error) or type(error).__name__
+            self._synced_changed.notify_all()
+        self._held = held
+        self._load_mirrors()
 
     def _synced_so_far(self, by_runner=False):
-        """A function that returns once every commit written so far is on disk;
-        `by_runner`: the runner waits on it, to start or end a task (see _sync)."""
-        return functools.partial(self._sync, self._commits, by_runner)
+        """A function that returns once every write made so far is on disk, or raises
+        sqlite3.OperationalError if it was undone; `by_runner`: the runner waits on
+        it, to start or end a task (see _sync)."""
+        return functools.partial(self._sync, self._transaction_now, by_runner)
 
     def _next_us(self):
         """The clock in microseconds, bumped so that ids never repeat and always increase."""
@@ -691,22 +732,33 @@ class TaskStore:
 
     # -- disk work, done outside _lock --
 
-    def _sync(self, ticket, by_runner=False):
-        """Return once commit number `ticket` is on disk.
+    def _sync(self, transaction, by_runner=False):
+        """Return once `transaction` is committed and on disk; raise
+        sqlite3.OperationalError if it was undone.
 
         An fsync of the WAL makes every commit written before it began durable, so
         one thread syncs for all: the others wait for it and mostly find their work
-        done. The runner's wait does not queue behind an fsync that began before its
-        commit: it syncs at once, beside that one. Behind a burst of submitters it
-        waited 5.4 ms (median) for each task's start that way, for a 0.2 ms fsync.
+        done, or commit the transaction that gathered them meanwhile. The runner's
+        wait does not queue behind an fsync that began before its commit: it syncs
+        at once, beside that one. Behind a burst of submitters it waited 5.4 ms
+        (median) for each task's start that way, for a 0.2 ms fsync.
         """
+        number = transaction.number
         with self._synced_changed:
-            while self._synced < ticket and self._syncing_to and (
-                    max(self._syncing_to) >= ticket or not by_runner):
+            while (self._synced < number and not transaction.error and self._syncing_to
+                   and (max(self._syncing_to) >= number or not by_runner)):
                 self._synced_changed.wait()
-            if self._wal_fd is None or self._synced >= ticket:
+            if transaction.error:
+                raise sqlite3.OperationalError(transaction.error)
+            if self._committed < number:
+                try:
+                    self._commit()
+                except BaseException as e:
+                    self._roll_back(self._held, e)
+                    raise
+            if self._wal_fd is None or self._synced >= number:
                 return
-            written = self._commits
+            written = self._committed
             self._syncing_to.append(written)
         synced = False
         try:
@@ -740,6 +792,9 @@ class TaskStore:
 
         Given `supersede` keys, the pending tasks of the same name with the same
         values for all of them are cancelled in the same commit (latest push wins).
+
+        A plain new task is left in the open transaction for `synced` to commit
+        (see _transaction): call it before anything else.
         """
         params_json = json.dumps(params, separators=(",", ":"))
         fingerprint = hashlib.sha256(
@@ -758,7 +813,8 @@ class TaskStore:
                         event=event.event, delivery=event.delivery, ref=event.ref,
                         commit=event.commit)
             superseded = [task_id for task_id, _ in old]
-            with self._lines_before_commit(superseded, SUPERSEDED % task.id), self._transaction():
+            with self._lines_before_commit(superseded, SUPERSEDED % task.id), \
+                    self._transaction(commit=False):
                 self._db.execute(
                     "INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us, "
                     "event, delivery, ref, commit_sha, webhook_sha256) "
@@ -774,6 +830,8 @@ class TaskStore:
                 self._pending_fingerprints[fingerprint] = task.id
                 position = len(self._pending)
                 claimed = self._claim() if on_claimed else None
+                if claimed or old:  # a start or an end: not left for a sync to commit
+                    self._commit()
             synced, runner_synced = self._synced_so_far(), self._synced_so_far(by_runner=True)
         self._delete_logs(pruned)
         if claimed:
@@ -903,13 +961,14 @@ class TaskStore:
                 self._held = None
 
     def record_process(self, task_id, pgid):
-        """Note the process group of a task's script, for a restart after a crash."""
-        with self._lock:
+        """Note the process group of a task's script, for a restart after a crash
+        (committed, not synced)."""
+        with self._lock, self._transaction():
             self._db.execute("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
 
     def record_scripts(self, task_id, runs):
-        """Save the scripts run so far by a running task."""
-        with self._lock:
+        """Save the scripts run so far by a running task (committed, not synced)."""
+        with self._lock, self._transaction():
             self._db.execute("UPDATE tasks SET scripts = ? WHERE id = ?",
                              (json.dumps(runs), task_id))
 
@@ -2678,13 +2737,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _send_submitted(self, task, is_new, position, synced):
         """Answer a submission with the task's record, once the task is on disk; with
         `Prefer: wait`, answer nothing yet: (task id, seconds, headers) of the wait."""
+        synced()  # a 2xx promises the task is on disk; this also commits it (see submit)
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))
         else:
             content_type = TEXT
             record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
-        synced()  # a 2xx promises the task is on disk
         wait_s = self._preferred_wait()
         if wait_s is not None:
             return task.id, wait_s, {"Location": "tasks/" + task.id}

@@ -507,6 +507,37 @@ def test_a_failed_commit_undoes_the_claim_made_in_it(tmp_path):
     store.close()
 
 
+def test_one_sync_commits_every_submission_that_came_before_it(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    first, second = (store.submit("example", {"i": str(i)}) for i in (1, 2))
+    other = sqlite3.connect(tmp_path / "tasks.sqlite3")  # sees committed rows only
+    assert other.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+    second.synced()
+    assert other.execute("SELECT count(*) FROM tasks").fetchone() == (2,)
+    first.synced()  # already on disk: returns at once
+    other.close()
+    store.close()
+
+
+def test_a_submission_not_yet_synced_is_undone_with_a_later_write_that_fails(tmp_path):
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    db.executescript(tasktrain.SCHEMA)
+    db.execute("CREATE TRIGGER disk_full BEFORE INSERT ON tasks WHEN NEW.params LIKE "
+               "'%\"2\"%' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.close()
+    store = tasktrain.TaskStore(str(tmp_path))
+    first = store.submit("example", {"i": "1"})
+    with pytest.raises(sqlite3.IntegrityError):
+        store.submit("example", {"i": "2"})
+    with pytest.raises(sqlite3.OperationalError, match="disk full"):
+        first.synced()  # its answer would be a 503, not a 2xx
+    assert store.pending_count() == 0 and store.get(first.task.id) is None
+    third = store.submit("example", {"i": "3"})
+    third.synced()
+    assert store.status(third.task.id) == "pending"
+    store.close()
+
+
 def test_a_task_whose_end_cannot_be_written_still_holds_the_runner(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
     store.start_claiming()
@@ -2294,7 +2325,9 @@ def test_superseding_frees_places_under_the_pending_limit(tmp_path):
 
 def test_a_failed_commit_supersedes_nothing_and_takes_back_the_log_line(tmp_path):
     store = tasktrain.TaskStore(str(tmp_path))
-    first = store.submit("deploy", {"branch": "main"}, supersede=("branch",)).task
+    submitted = store.submit("deploy", {"branch": "main"}, supersede=("branch",))
+    submitted.synced()  # as a handler does before answering: this commits it
+    first = submitted.task
     with store_refuses_status(tmp_path, "cancelled"), pytest.raises(sqlite3.IntegrityError):
         store.submit("deploy", {"branch": "main", "sha": "2"}, supersede=("branch",))
     assert store.status(first.id) == "pending" and store.pending_count() == 1
