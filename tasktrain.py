@@ -107,6 +107,11 @@ LIST_PARAMS_TOOLTIP_CHARS = 2000  # in that cell's tooltip
 
 # fdatasync skips the inode's times, as SQLite does; macOS has only fsync.
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
+# The WAL is written with zeros this far when the store opens, once: an fdatasync that
+# grows a file writes its inode too, and took 0.25 ms here against 0.10 ms for blocks
+# already written. SQLite's WAL peaks at its checkpoint, 1,000 pages of 4 KiB with a
+# 24-byte header each; SQLite reads a WAL only up to its first invalid frame.
+WAL_ZEROED_BYTES = 5 * 1024 * 1024
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
 FORGE_ENV = ("TASKTRAIN_EVENT", "TASKTRAIN_DELIVERY", "TASKTRAIN_REF", "TASKTRAIN_COMMIT")
@@ -543,7 +548,9 @@ class TaskStore:
         # answer or script start depends on it, so one fsync covers every commit
         # written before it and submitters never queue behind each other's disk.
         db.execute("PRAGMA synchronous=NORMAL")
-        return db, os.open(path + "-wal", os.O_RDONLY | os.O_CREAT, 0o644)
+        wal_fd = os.open(path + "-wal", os.O_RDWR | os.O_CREAT, 0o644)
+        zero_fill(wal_fd, WAL_ZEROED_BYTES)
+        return db, wal_fd
 
     def _recover(self):
         """Put back at the head of the queue the tasks a dead daemon had claimed but
@@ -1010,6 +1017,17 @@ class TaskStore:
         self.on_ended()
         return task_from_row(row) if row else dataclasses.replace(
             task, status="cancelled", finished_us=now_us())
+
+
+def zero_fill(fd, size):
+    """Write zeros from a file's end up to `size` bytes, and sync them; a full disk
+    leaves it as far as it got."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    zeros = bytes(COPY_CHUNK_BYTES)
+    with contextlib.suppress(OSError):
+        while end < size:
+            end += os.pwrite(fd, zeros[:size - end], end)
+    SYNC_DATA(fd)
 
 
 def current_boot_id():

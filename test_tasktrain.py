@@ -1082,6 +1082,34 @@ def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
     assert out.read_text().splitlines() == expected
 
 
+def test_the_wal_is_written_ahead_and_a_crashed_stores_frames_are_read_past_it(tmp_path):
+    crashed, copy = tmp_path / "crashed", tmp_path / "copy"
+    crashed.mkdir()
+    copy.mkdir()
+    db = sqlite3.connect(crashed / "tasks.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(tasktrain.SCHEMA)
+    db.execute("INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
+               "VALUES ('6b1a00000000a', 'example', '{}', x'', 'f', 'pending', 0)")
+    for name in ("tasks.sqlite3", "tasks.sqlite3-wal"):  # as a crash leaves them
+        (copy / name).write_bytes((crashed / name).read_bytes())
+    db.close()
+    wal = copy / "tasks.sqlite3-wal"
+    assert 0 < wal.stat().st_size < tasktrain.WAL_ZEROED_BYTES
+    store = tasktrain.TaskStore(str(copy))
+    try:
+        assert wal.stat().st_size >= tasktrain.WAL_ZEROED_BYTES  # no sync grows it
+        assert store.status("6b1a00000000a") == "pending"
+        for i in range(50):
+            store.submit("example", {"i": str(i)}).synced()
+        assert wal.stat().st_size == tasktrain.WAL_ZEROED_BYTES
+    finally:
+        store.close()
+    store = tasktrain.TaskStore(str(copy))
+    assert store.pending_count() == 51
+    store.close()
+
+
 def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons):
     add_script(tmp_path, "block", "run", UNTIL_GO)
     script = add_script(tmp_path, "doomed", "run", "exit 0\n")
