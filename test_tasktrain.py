@@ -1082,6 +1082,19 @@ def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
     assert out.read_text().splitlines() == expected
 
 
+def test_a_submission_that_wakes_the_idle_runner_is_answered_once_its_script_started(
+        tmp_path, daemons):
+    add_script(tmp_path, "deploy", "run", "exec sleep 30\n")
+    folder = tmp_path / "scripts.d" / "deploy"
+    for i in range(3000):  # listing them keeps the runner busy for some milliseconds
+        (folder / f"notes-{i}.txt").touch()
+    d = daemons()
+    task_id = d.submit("deploy")
+    # The log's command line is written just before the script starts.
+    assert d.log(task_id).startswith(f"{d.scripts}/deploy/run --name=deploy\n")
+    assert d.request("DELETE", f"/tasks/{task_id}").status == 200
+
+
 def test_the_wal_is_written_ahead_and_a_crashed_stores_frames_are_read_past_it(tmp_path):
     crashed, copy = tmp_path / "crashed", tmp_path / "copy"
     crashed.mkdir()
