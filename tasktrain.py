@@ -989,14 +989,20 @@ class TaskStore:
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash
         (committed, not synced)."""
-        with self._lock, self._transaction():
-            self._db.execute("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
+        self._write_now("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
 
     def record_scripts(self, task_id, runs):
         """Save the scripts run so far by a running task (committed, not synced)."""
-        with self._lock, self._transaction():
-            self._db.execute("UPDATE tasks SET scripts = ? WHERE id = ?",
-                             (json.dumps(runs), task_id))
+        self._write_now("UPDATE tasks SET scripts = ? WHERE id = ?", (json.dumps(runs), task_id))
+
+    def _write_now(self, sql, parameters):
+        """Execute one statement and commit it (not synced). Alone it commits itself,
+        without BEGIN and COMMIT: the runner makes this write while its script starts,
+        on the script's CPU; in a transaction that submissions wait in, it commits them."""
+        with self._lock:
+            joined = self._db.in_transaction
+            with self._transaction() if joined else contextlib.nullcontext():
+                self._db.execute(sql, parameters)
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
         """Record how the held task ended and prune, and let the runner go; with

@@ -519,6 +519,22 @@ def test_one_sync_commits_every_submission_that_came_before_it(tmp_path):
     store.close()
 
 
+def test_a_process_group_is_committed_at_once_with_the_submissions_waiting_to_be(tmp_path):
+    store = tasktrain.TaskStore(str(tmp_path))
+    store.start_claiming()
+    running = store.submit("example", {"i": "1"}, on_claimed=lambda claim: None).task
+    other = sqlite3.connect(tmp_path / "tasks.sqlite3")  # sees committed rows only
+    store.record_process(running.id, 4242)  # no transaction open: it commits itself
+    assert other.execute("SELECT pgid FROM tasks").fetchall() == [(4242,)]
+    waiting = store.submit("example", {"i": "2"}).task  # left for a sync to commit
+    assert other.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
+    store.record_process(running.id, 4343)
+    assert other.execute("SELECT id, pgid FROM tasks ORDER BY id").fetchall() == [
+        (running.id, 4343), (waiting.id, None)]
+    other.close()
+    store.close()
+
+
 def test_a_submission_not_yet_synced_is_undone_with_a_later_write_that_fails(tmp_path):
     db = sqlite3.connect(tmp_path / "tasks.sqlite3")
     db.executescript(tasktrain.SCHEMA)
