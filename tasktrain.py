@@ -93,7 +93,7 @@ FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
 # A submission that wakes the idle runner answers once the task's first script has
 # started, or after this long: the handler and the runner share one interpreter lock,
-# and an answer made first held the start back (dispatch 2.19 ms here, 2.04 after).
+# and an answer made first held the start back (dispatch 2.19 ms here, 2.06 after).
 HANDED_OVER_WAIT_S = 0.05
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
 # The longest --timeout, --grace or timeout setting: Python's timers overflow (a thread
