@@ -91,8 +91,8 @@ IDLE_TIMEOUT_S = 30
 HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each line
 FOLLOW_POLL_S = 0.02
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
-# A submission that wakes the idle runner answers once the task's first script has
-# started, or after this long: the handler and the runner share one interpreter lock,
+# A submission that wakes the idle runner answers once the task's first script is
+# starting, or after this long: the handler and the runner share one interpreter lock,
 # and an answer made first held the start back (dispatch 2.19 ms here, 2.06 after).
 HANDED_OVER_WAIT_S = 0.05
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
@@ -1203,7 +1203,8 @@ class Runner:
         #   A task's start drops every other task's entry (a stop after a task's last
         #   script is too late, and an id is claimed only once).
         # - _process: (task id, Popen) of the script running now, or None.
-        # - _started: the id of the last task a script of which has started.
+        # - _started: the id of the last task a script of which is starting (its
+        #   command line is in the log) or has started.
         # - _ended: (task id, status) of the last task whose scripts are over.
         # - _finishing: the Popen of the .on-finish running now, or None.
         # - _shutdown: (status, line) once the daemon is stopping, else None.
@@ -1277,7 +1278,7 @@ class Runner:
         return 2 * self.grace_s + STOP_RECORD_MARGIN_S
 
     def wait_started(self, task_id, timeout_s):
-        """Wait until a script of the task has started, or none will (its scripts are
+        """Wait until a script of the task is starting, or none will (its scripts are
         over, or the daemon stops), or the timeout."""
         with self._started_or_ended:
             self._started_or_ended.wait_for(
@@ -1319,9 +1320,6 @@ class Runner:
         the stop asked for the task, checked in the same breath so none is missed."""
         with self._lock:
             self._process = (task_id, proc) if proc else None
-            if proc:
-                self._started = task_id
-                self._started_or_ended.notify_all()
             return self._stops.get(task_id) or self._shutdown
 
     def _begin_stop(self, proc):
@@ -1533,6 +1531,9 @@ class Runner:
                 if not out.write(script.line):
                     out.note = NOT_STARTED.format(out.error)  # see never_started
                     return Outcome("failed", None, runs)
+                with self._lock:
+                    self._started = task.id
+                    self._started_or_ended.notify_all()
                 exit_code, seconds, stop = self._run_script(
                     task, script.argv, folder, env, stdin, out)
                 out.write(f"exit code: {exit_code}\n\n")
