@@ -112,11 +112,14 @@ LIST_PARAMS_TOOLTIP_CHARS = 2000  # in that cell's tooltip
 LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 # fdatasync skips the inode's times, as SQLite does; macOS has only fsync.
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)
-# The WAL is written with zeros this far when the store opens, once: an fdatasync that
-# grows a file writes its inode too, and took 0.25 ms here against 0.10 ms for blocks
-# already written. SQLite's WAL peaks at its checkpoint, 1,000 pages of 4 KiB with a
-# 24-byte header each; SQLite reads a WAL only up to its first invalid frame.
+# The WAL is written with zeros this far whenever the store opens (SQLite removes it at
+# a clean close): an fdatasync that grows a file writes its inode too, and took 0.25 ms
+# here against 0.10 ms for blocks already written. SQLite checkpoints the WAL once it
+# holds 1,000 pages (4 KiB and a 24-byte header each, 3.9 MiB), after the commit that
+# took it there; it reads a WAL only up to its first invalid frame. With less than
+# WAL_ZEROED_MIN_FREE_BYTES free, the zeros would fill a disk that tasks need.
 WAL_ZEROED_BYTES = 5 * 1024 * 1024
+WAL_ZEROED_MIN_FREE_BYTES = 4 * WAL_ZEROED_BYTES
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
 FORGE_ENV = ("TASKTRAIN_EVENT", "TASKTRAIN_DELIVERY", "TASKTRAIN_REF", "TASKTRAIN_COMMIT")
@@ -270,7 +273,7 @@ class Submitted(typing.NamedTuple):
     position: "int | None"      # its position in the queue when queued (1 runs next)
     synced: typing.Callable     # returns once the task is on disk (raises if it was
                                 # undone): call it first, before answering
-    handed_over: "str | None" = None  # the id of the task it handed to the idle runner
+    handed_to_runner: "str | None" = None  # the id of the task it handed to the idle runner
 
 
 class Transaction:
@@ -494,7 +497,7 @@ class TaskStore:
         self.log_dir = os.path.join(state_dir, "logs")
         os.makedirs(self.log_dir, exist_ok=True)
         # An empty file, open to append, that becomes the next started task's log (see
-        # make_spare_log); the runner's alone.
+        # make_spare_log); the runner's alone, which closes it as it stops.
         self._spare_log = os.path.join(state_dir, "spare.log")
         self._spare_fd = None
         self._lock_file = self._lock_state_dir(state_dir)
@@ -596,8 +599,6 @@ class TaskStore:
             self._db.close()
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
-        if self._spare_fd is not None:
-            os.close(self._spare_fd)
         self._lock_file.close()
 
     def log_path(self, task_id):
@@ -623,12 +624,22 @@ class TaskStore:
             return open_log_to_append(path)
         try:
             os.link(self._spare_log, path)
-        except OSError:  # a log already, or no logs folder
+        except OSError as e:  # a log already; else no logs folder, or no spare.log
+            if e.errno != errno.EEXIST:
+                self.drop_spare_log()
             return open_log_to_append(path)
         fd, self._spare_fd = self._spare_fd, None
         with contextlib.suppress(OSError):  # if it stays, make_spare_log leaves it alone
             os.unlink(self._spare_log)
         return fd
+
+    def drop_spare_log(self):
+        """Close the spare log and remove its file, if there is one."""
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+            with contextlib.suppress(OSError):
+                os.unlink(self._spare_log)
 
     # -- helpers that expect _lock held --
 
@@ -996,12 +1007,14 @@ class TaskStore:
         self._write_now("UPDATE tasks SET scripts = ? WHERE id = ?", (json.dumps(runs), task_id))
 
     def _write_now(self, sql, parameters):
-        """Execute one statement and commit it (not synced). Alone it commits itself,
-        without BEGIN and COMMIT: the runner makes this write while its script starts,
-        on the script's CPU; in a transaction that submissions wait in, it commits them."""
+        """Execute one statement and commit it (not synced). Alone it commits itself:
+        BEGIN and COMMIT around it took the runner's time while its script started.
+        In a transaction that submissions wait in, it commits them too."""
         with self._lock:
-            joined = self._db.in_transaction
-            with self._transaction() if joined else contextlib.nullcontext():
+            if not self._db.in_transaction:
+                self._db.execute(sql, parameters)
+                return
+            with self._transaction():
                 self._db.execute(sql, parameters)
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
@@ -1045,11 +1058,15 @@ class TaskStore:
 
 
 def zero_fill(fd, size):
-    """Write zeros from a file's end up to `size` bytes, and sync them; a full disk
-    leaves it as far as it got."""
+    """Write zeros from a file's end up to `size` bytes, and sync them (so that the
+    file's new size and blocks are on disk before anything waits for a sync of it);
+    nothing when the disk has less than WAL_ZEROED_MIN_FREE_BYTES free."""
+    free = os.fstatvfs(fd)
+    if free.f_bavail * free.f_frsize < WAL_ZEROED_MIN_FREE_BYTES:
+        return
     end = os.lseek(fd, 0, os.SEEK_END)
     zeros = bytes(COPY_CHUNK_BYTES)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # filled meanwhile: as far as it got
         while end < size:
             end += os.pwrite(fd, zeros[:size - end], end)
     SYNC_DATA(fd)
@@ -1403,6 +1420,7 @@ class Runner:
                 claim = self.handed_over.get()
             if claim is None or self._shutting_down.is_set():
                 self.store.stop_claiming()  # a claimed task not yet begun goes back
+                self.store.drop_spare_log()
                 return
             task = claim.task
             outcome = self._run(claim)
@@ -1466,9 +1484,7 @@ class Runner:
                                                 problem)
                     return outcome
                 finally:
-                    with self._lock:  # from here on a stop is too late for the task
-                        self._ended = (task.id, outcome.status)
-                        self._started_or_ended.notify_all()
+                    self._scripts_over(task.id, outcome.status)
                     self._stop_left_behind(out)
                     if outcome.runs:  # SPEC 8: only after a task that was started
                         self._run_on_finish(task, outcome, env, stdin, out, timeout_s)
@@ -1477,10 +1493,19 @@ class Runner:
         except OSError as e:  # no log, or no room for the body: no script can start
             log.error("task %s: cannot start it: %s", task.id, e)
             self._notes[task.id] = f"Task Train could not start this task: {e.strerror}."
+            self._scripts_over(task.id, "failed")
             return Outcome("failed")
         except Exception:
             log.exception("task %s: the runner failed", task.id)
+            self._scripts_over(task.id, "failed")
             return Outcome("failed")
+
+    def _scripts_over(self, task_id, status):
+        """Note that no script of the task runs any more: from here on a stop is too
+        late for it, and a wait for its start is over."""
+        with self._lock:
+            self._ended = (task_id, status)
+            self._started_or_ended.notify_all()
 
     def _prepare(self, task):
         """The task's Scripts and their environment, made while the claim syncs."""
@@ -2809,15 +2834,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
-    def _send_submitted(self, task, is_new, position, synced, handed_over=None):
+    def _send_submitted(self, task, is_new, position, synced, handed_to_runner=None):
         """Answer a submission with the task's record, once the task is on disk; with
         `Prefer: wait`, answer nothing yet: (task id, seconds, headers) of the wait."""
         synced()  # a 2xx promises the task is on disk; this also commits it (see submit)
         wait_s = self._preferred_wait()
         if wait_s is not None:
             return task.id, wait_s, {"Location": "tasks/" + task.id}
-        if handed_over:
-            self.server.runner.wait_started(handed_over, HANDED_OVER_WAIT_S)
+        if handed_to_runner:
+            self.server.runner.wait_started(handed_to_runner, HANDED_OVER_WAIT_S)
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))

@@ -1111,32 +1111,56 @@ def test_a_submission_that_wakes_the_idle_runner_is_answered_once_its_script_sta
     assert d.request("DELETE", f"/tasks/{task_id}").status == 200
 
 
+def copy_as_a_crash_leaves_it(state_dir, to):
+    """The task database and its WAL as they are now, copied as a crash leaves them."""
+    to.mkdir()
+    for name in ("tasks.sqlite3", "tasks.sqlite3-wal"):
+        (to / name).write_bytes((state_dir / name).read_bytes())
+    return to
+
+
 def test_the_wal_is_written_ahead_and_a_crashed_stores_frames_are_read_past_it(tmp_path):
-    crashed, copy = tmp_path / "crashed", tmp_path / "copy"
-    crashed.mkdir()
-    copy.mkdir()
-    db = sqlite3.connect(crashed / "tasks.sqlite3", isolation_level=None)
+    old = tmp_path / "old"  # a WAL shorter than the zeros, as an older version leaves it
+    old.mkdir()
+    db = sqlite3.connect(old / "tasks.sqlite3", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(tasktrain.SCHEMA)
     db.execute("INSERT INTO tasks (id, name, params, body, fingerprint, status, created_us) "
                "VALUES ('6b1a00000000a', 'example', '{}', x'', 'f', 'pending', 0)")
-    for name in ("tasks.sqlite3", "tasks.sqlite3-wal"):  # as a crash leaves them
-        (copy / name).write_bytes((crashed / name).read_bytes())
+    state = copy_as_a_crash_leaves_it(old, tmp_path / "state")
     db.close()
-    wal = copy / "tasks.sqlite3-wal"
+    wal = state / "tasks.sqlite3-wal"
     assert 0 < wal.stat().st_size < tasktrain.WAL_ZEROED_BYTES
-    store = tasktrain.TaskStore(str(copy))
+    store = tasktrain.TaskStore(str(state))
     try:
         assert wal.stat().st_size >= tasktrain.WAL_ZEROED_BYTES  # no sync grows it
         assert store.status("6b1a00000000a") == "pending"
         for i in range(50):
             store.submit("example", {"i": str(i)}).synced()
         assert wal.stat().st_size == tasktrain.WAL_ZEROED_BYTES
+        crashed = copy_as_a_crash_leaves_it(state, tmp_path / "crashed")  # frames, then zeros
     finally:
         store.close()
-    store = tasktrain.TaskStore(str(copy))
+    store = tasktrain.TaskStore(str(crashed))
     assert store.pending_count() == 51
     store.close()
+
+
+def test_a_wait_for_a_tasks_start_ends_as_its_first_script_starts(tmp_path):
+    add_script(tmp_path, "example", "run", "exec sleep 30\n")
+    store, runner = start_runner(tmp_path)
+    try:
+        submitted = store.submit("example", {}, on_claimed=runner.hand_over)
+        assert submitted.handed_to_runner == submitted.task.id
+        submitted.synced()
+        started = time.monotonic()
+        runner.wait_started(submitted.task.id, DEADLINE_S)
+        assert time.monotonic() - started < DEADLINE_S / 2
+        log = (tmp_path / "state" / "logs" / f"{submitted.task.id}.log").read_text()
+        assert log == "scripts.d/example/run --name=example\n"
+    finally:
+        runner.shutdown("stopped by the test")
+        store.close()
 
 
 def test_missing_folder_when_the_task_starts_fails_with_exit_2(tmp_path, daemons):
@@ -3274,6 +3298,16 @@ def test_the_next_tasks_log_is_made_ahead_and_a_log_already_there_is_kept(tmp_pa
     assert d.wait_status(blocker)["status"] == "complete"
     wait_for(spare.exists)  # and again, for the task after
     assert spare.stat().st_size == 0
+
+
+def test_a_spare_log_removed_by_hand_is_made_again(tmp_path, daemons):
+    add_script(tmp_path, "hello", "run", "echo hello\n")
+    d = daemons()
+    spare = d.state / "spare.log"
+    wait_for(spare.exists)
+    spare.unlink()
+    assert "\nhello\n" in d.wait_status(d.submit("hello"))["output"]
+    wait_for(spare.exists)  # for the task after
 
 
 def test_a_spare_log_left_by_a_crash_never_becomes_a_tasks_log(tmp_path, daemons):
