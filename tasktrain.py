@@ -1383,14 +1383,17 @@ class Runner:
         members = {pgid: pids for pgid, pids in members.items() if pids}
         if not members:
             return
+        # Those a SIGKILL already ends (a stop's, sent to .on-finish's group) are not
+        # counted, though waited for: the leader is reaped before they next run.
+        count = sum(not being_killed(pid) for pids in members.values() for pid in pids)
         for pgid in members:
             signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s  # one for all the groups
         for pgid in members:
             self._await_group(pgid, deadline)
-        count = sum(map(len, members.values()))
-        out.write(f"Stopped {count} process{'es' if count != 1 else ''} left running "
-                  "by this task's scripts.\n")
+        if count:
+            out.write(f"Stopped {count} process{'es' if count != 1 else ''} left running "
+                      "by this task's scripts.\n")
 
     def _write_notes(self):
         """Write the notes a full disk held back into their tasks' logs, if there is
@@ -1744,6 +1747,18 @@ def reap_group(pgid):
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-pgid, os.WNOHANG)[0]:
             pass
+
+
+def being_killed(pid):
+    """Whether a SIGKILL is pending for process `pid`, or the fatal signal that the
+    kernel turns into one (Linux; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            masks = [int(line.split()[1], 16) for line in f
+                     if line.startswith((b"SigPnd:", b"ShdPnd:"))]
+    except (OSError, ValueError):
+        return False
+    return any(mask & 1 << (signal.SIGKILL - 1) for mask in masks)
 
 
 def member_runs(pid, pgid):
