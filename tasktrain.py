@@ -620,18 +620,18 @@ class TaskStore:
         place. A task that already has a log (lines written while it was pending)
         keeps it, and the spare waits for the next."""
         path = self.log_path(task_id)
-        if self._spare_fd is None:
-            return open_log_to_append(path)
-        try:
-            os.link(self._spare_log, path)
-        except OSError as e:  # a log already; else no logs folder, or no spare.log
-            if e.errno != errno.EEXIST:
-                self.drop_spare_log()
-            return open_log_to_append(path)
-        fd, self._spare_fd = self._spare_fd, None
-        with contextlib.suppress(OSError):  # if it stays, make_spare_log leaves it alone
-            os.unlink(self._spare_log)
-        return fd
+        if self._spare_fd is not None:
+            try:
+                os.link(self._spare_log, path)
+            except OSError as e:  # a log already; else no logs folder, or no spare.log
+                if e.errno != errno.EEXIST:
+                    self.drop_spare_log()
+            else:
+                fd, self._spare_fd = self._spare_fd, None
+                with contextlib.suppress(OSError):  # if it stays, make_spare_log leaves it
+                    os.unlink(self._spare_log)
+                return fd
+        return open_log_to_append(path)
 
     def drop_spare_log(self):
         """Close the spare log and remove its file, if there is one."""

@@ -1098,7 +1098,7 @@ def test_tasks_run_one_at_a_time_in_submission_order(tmp_path, daemons):
     assert out.read_text().splitlines() == expected
 
 
-def test_a_submission_that_wakes_the_idle_runner_is_answered_once_its_script_started(
+def test_a_submission_that_wakes_the_idle_runner_is_answered_as_its_script_starts(
         tmp_path, daemons):
     add_script(tmp_path, "deploy", "run", "exec sleep 30\n")
     folder = tmp_path / "scripts.d" / "deploy"
