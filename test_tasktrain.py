@@ -2274,6 +2274,56 @@ def test_a_bad_settings_file_is_one_line_naming_the_file_and_the_problem(tmp_pat
     assert str(refused.value) == "scripts.d/deploy/.task.ini: " + problem
 
 
+@pytest.mark.parametrize("change, status", [
+    ("exec bit taken", 404), ("removed", 404), ("a folder now", 404),
+    ("settings added", 500), ("settings edited", 500), ("settings removed", 201),
+])
+def test_a_change_to_a_task_folder_applies_to_the_very_next_submission(
+        tmp_path, daemons, change, status):
+    script = add_script(tmp_path, "deploy", "run", "exit 0\n")
+    settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
+    if change in ("settings edited", "settings removed"):
+        settings.write_text("[task]\ntimeout = 9\n")
+    if change == "settings removed":
+        settings.write_text("[task]\nbogus = 9\n")
+    d = daemons()
+    first = 500 if change == "settings removed" else 201
+    assert d.request("POST", "/task?name=deploy").status == first
+    if change == "exec bit taken":
+        script.chmod(0o644)
+    elif change == "removed":
+        script.unlink()
+    elif change == "a folder now":
+        script.unlink()
+        script.mkdir()
+        (script / "run").write_text("#!/bin/sh\n")
+        (script / "run").chmod(0o755)
+    elif change == "settings added":
+        settings.write_text("[task]\nbogus = 9\n")
+    elif change == "settings edited":  # the same size, within the same clock tick
+        settings.write_text("[task]\nbogus = 9\n")
+    else:
+        settings.unlink()
+    assert d.request("POST", "/task?name=deploy").status == status
+
+
+def test_settled_settings_are_read_once_and_again_as_soon_as_they_change(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)  # every file counts as settled
+    add_script(tmp_path, "deploy", "run", "exit 0\n")
+    settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
+    settings.write_text("[task]\ntimeout = 9\n")
+    folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
+    first = folders.settings("deploy")
+    assert first.timeout_s == 9 and folders.settings("deploy") is first  # not read again
+    settings.write_text("[task]\ntimeout = 10\n")  # one byte longer
+    assert folders.settings("deploy").timeout_s == 10
+    settings.unlink()
+    assert folders.settings("deploy") == tasktrain.TaskSettings()
+    (tmp_path / "scripts.d" / "deploy" / "run").chmod(0o644)
+    assert folders.settings("deploy") is None
+
+
 def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     add_script(tmp_path, "deploy", "run", "exit 0\n")
     settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
@@ -3210,6 +3260,30 @@ def test_request_bodies_held_at_once_are_bounded_in_total(tmp_path, daemons, opt
     finally:
         for s in held:
             s.close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_dropped_after_the_timeout(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(tasktrain.Handler, "timeout", 0.3)  # each wait for room to send
+    add_script(tmp_path, "loud", "run", "head -c 40000000 /dev/zero\n")  # past the buffers
+    store, runner = start_runner(tmp_path)
+    server = tasktrain.TaskTrainServer(("127.0.0.1", 0), store, runner)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        task_id = store.submit("loud", {}, on_claimed=runner.hand_over).task.id
+        wait_for(lambda: store.status(task_id) == "complete")
+        with socket.create_connection(server.server_address, timeout=DEADLINE_S) as s:
+            s.sendall(f"GET /tasks/{task_id}/log HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            time.sleep(1)  # the client stalls: the daemon's buffers fill, and it gives up
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(1 << 20):
+                    received += len(chunk)
+        assert 0 < received < 40_000_000  # cut off, and closed: no thread waits for ever
+    finally:
+        server.shutdown()
+        server.server_close()
+        runner.shutdown("stopped")
 
 
 @pytest.mark.parametrize("start, trickle, answer", [
