@@ -314,21 +314,20 @@ def parse_id(task_id):
     return int(task_id[:8], 16) * 1_000_000 + int(task_id[8:], 16)
 
 
-def list_scripts(folder, first_only=False):
-    """The task's scripts: non-hidden regular files (or links to them) with an exec bit,
-    other than editor and package-manager leftovers, sorted."""
-    scripts = []
+def list_scripts(folder):
+    """The task's scripts (see is_script_entry), sorted."""
     try:
         with os.scandir(folder) as entries:
-            for entry in entries:
-                if (not entry.name.startswith(".") and not is_leftover(entry.name)
-                        and entry.is_file() and os.access(entry.path, os.X_OK)):
-                    scripts.append(entry.path)
-                    if first_only:
-                        break
+            return sorted(entry.path for entry in entries if is_script_entry(entry))
     except OSError:
         return []
-    return sorted(scripts)
+
+
+def is_script_entry(entry):
+    """Whether a folder entry is a script: not hidden, no editor's or package manager's
+    leftover, and a regular file (or a link to one) with an exec bit."""
+    return (not entry.name.startswith(".") and not is_leftover(entry.name)
+            and entry.is_file() and os.access(entry.path, os.X_OK))
 
 
 def is_leftover(filename):
@@ -438,42 +437,91 @@ def settings_seconds(value):
     return seconds
 
 
+class FolderScan(typing.NamedTuple):
+    """What a scan of a task folder found, and the folder's stat fields before it."""
+
+    fields: tuple               # (st_dev, st_ino, st_mtime_ns, st_ctime_ns)
+    script: "str | None"        # one script it held, or None
+    script_is_link: bool
+    has_settings: bool          # whether .task.ini was among its entries
+
+    def still_holds_its_script(self):
+        """Whether the script found is one still, the folder's entries unchanged: its
+        exec bit, and for a link, what it links to (a file's own type never changes)."""
+        return (self.script is not None and os.access(self.script, os.X_OK)
+                and (not self.script_is_link or os.path.isfile(self.script)))
+
+
+def scan_folder(folder, fields):
+    """A FolderScan of the folder; one that found nothing if it cannot be read."""
+    script, script_is_link, has_settings = None, False, False
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name == SETTINGS_FILE:
+                    has_settings = True
+                elif script is None and is_script_entry(entry):
+                    script, script_is_link = entry.path, entry.is_symlink()
+    except OSError:
+        return FolderScan(fields, None, False, False)
+    return FolderScan(fields, script, script_is_link, has_settings)
+
+
+def settled(info):
+    """Whether a file (or folder) changed long enough ago that any later change shows
+    in its stat fields: file times are stamped once a clock tick, or once a second on
+    some file systems, so a change made within the same tick as the last one may not."""
+    return time.time_ns() - info.st_ctime_ns > SETTLED_NS
+
+
 class TaskFolders:
     """Whether a task's folder holds a script, and its settings, as each submission
-    asks; with 2 or 3 calls to the file system, where a scan of the folder and an open
-    of .task.ini made 8. Each call lets go of the interpreter lock, which in a burst of
-    submissions hands it to another thread: the 8 made 1000 submissions from 16
-    clients take 0.55 s instead of 0.45.
+    asks: with 2 calls to the file system (3 with a .task.ini), where a scan of the
+    folder and an open of .task.ini made 8. Each such call lets go of the interpreter
+    lock, which in a burst of submissions hands it to another thread.
 
-    The answers are those a scan and a read would give at that moment. A script found
-    before is still one while it is a regular file with an exec bit; .task.ini is read
-    again whenever its device, inode, size, mtime or ctime changed, and whenever its
-    ctime is too recent for a later change in the same clock tick (or the same second,
-    on some file systems) to show, as git does for its racy-clean files.
-
-    Entries are replaced whole, never changed: the handler threads need no lock.
+    The answers are those a scan and a read would give at that moment. The folder is
+    scanned again whenever its device, inode, mtime or ctime changed (an entry added,
+    removed or renamed, its mode changed), or the script found is one no longer; .task.ini
+    is read again whenever its device, inode, size, mtime or ctime changed. What
+    changed too recently for a later change within the same clock tick to show is
+    not kept at all (git does the same for its racy-clean files); nor is a folder
+    found without a script, since an exec bit set later would not show.
     """
 
     def __init__(self, scripts_dir, shown_scripts_dir):
         self.scripts_dir = scripts_dir
         self.shown_scripts_dir = shown_scripts_dir
-        self._script_found = {}   # task name -> a script its folder held when last scanned
+        # Each maps a task name to an entry replaced whole, never changed: the handler
+        # threads share them without a lock. They hold one entry per task folder.
+        self._scans = {}          # task name -> its folder's FolderScan
         self._settings_read = {}  # task name -> (.task.ini's stat fields, its TaskSettings)
 
     def settings(self, name):
         """The task's TaskSettings, or None if its folder holds no script; raises
         SettingsError as read_task_settings does."""
         folder = os.path.join(self.scripts_dir, name)
-        script = self._script_found.get(name)
-        if script is None or not is_script(script):
-            found = list_scripts(folder, first_only=True)
-            if not found:
-                self._script_found.pop(name, None)
-                return None
-            self._script_found[name] = script = found[0]
+        try:
+            info = os.stat(folder)
+        except OSError:
+            return None
+        fields = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        scan = self._scans.get(name)
+        if scan is None or scan.fields != fields or not scan.still_holds_its_script():
+            scan = scan_folder(folder, fields)
+            if scan.script is not None and settled(info):
+                self._scans[name] = scan
+        if scan.script is None:
+            return None
+        if not scan.has_settings:
+            return TaskSettings()
+        return self._read_settings(folder, name)
+
+    def _read_settings(self, folder, name):
+        """The folder's .task.ini, read again only if it may have changed."""
         try:
             info = os.stat(os.path.join(folder, SETTINGS_FILE))
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed since the scan, or a dangling link
             return TaskSettings()
         except OSError:  # read_task_settings says what is wrong
             info = None
@@ -483,14 +531,9 @@ class TaskFolders:
         if known and known[0] == fields:
             return known[1]
         settings = read_task_settings(folder, os.path.join(self.shown_scripts_dir, name))
-        if info and time.time_ns() - info.st_ctime_ns > SETTLED_NS:
+        if info and settled(info):
             self._settings_read[name] = (fields, settings)
         return settings
-
-
-def is_script(path):
-    """Whether `path` is (or links to) a regular file with an exec bit for us."""
-    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def printable(path):
@@ -2460,9 +2503,9 @@ class ClientStream(io.RawIOBase):
     """A connection's socket, read and written in blocking mode under the kernel's
     timeouts (SO_RCVTIMEO, SO_SNDTIMEO) rather than Python's. A socket with a Python
     timeout polls before every read and write, and every settimeout sets its blocking
-    mode again (an ioctl): each is a call that lets go of the interpreter lock, which in
-    a burst of submissions hands the lock to another thread; these four calls made a
-    request 15 % slower (0.47 against 0.40 s for 1000 from 16 clients).
+    mode again (an ioctl): each is a call that lets go of the interpreter lock, which
+    in a burst of submissions hands it to another thread. Here a request costs one
+    recv and one send.
 
     It keeps one deadline while a request head, or a body, arrives: the timeout alone
     bounds each wait for data, so a client sending a header line (or a body's byte)
@@ -2474,9 +2517,13 @@ class ClientStream(io.RawIOBase):
         self._sock = sock
         self._timeout_s = timeout_s  # each wait for data, or for room to send
         self._deadline = None  # monotonic time by which the head must be in; None: no limit
-        self._wait_s = None    # what SO_RCVTIMEO is set to
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout_s))
-        self._bound_waits(timeout_s)
+        # A timeval as this system's SO_RCVTIMEO takes it: 16 bytes (two 64-bit fields,
+        # or macOS's long and padded int), or two longs where time_t has 32 bits.
+        size = len(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        self._timeval_format = "@qq" if size == 16 else "@ll"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval(timeout_s))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(timeout_s))
+        self._wait_s = timeout_s  # what SO_RCVTIMEO is set to
 
     def readable(self):
         return True
@@ -2515,24 +2562,18 @@ class ClientStream(io.RawIOBase):
     def _bound_waits(self, seconds):
         """Bound each wait for data by `seconds`: a millisecond from the bound set
         already is not worth a call (a head's first read would make one every request)."""
-        if self._wait_s is None or abs(seconds - self._wait_s) >= 0.001:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
-            self._wait_s = seconds
+        if abs(seconds - self._wait_s) < 0.001:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(seconds))
+        except OSError as e:  # macOS refuses options on a socket the client has reset
+            raise ConnectionResetError(e.errno, e.strerror) from None
+        self._wait_s = seconds
 
-
-@functools.lru_cache(maxsize=None)
-def timeval_format():
-    """struct's format of a timeval as SO_RCVTIMEO takes it: 16 bytes (two 64-bit
-    fields, or macOS's long and padded int), or two longs where time_t has 32 bits."""
-    with socket.socket() as probe:
-        size = len(probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
-    return "@qq" if size == 16 else "@ll"
-
-
-def timeval(seconds):
-    """A socket timeout of `seconds` (at least a microsecond: zero means none)."""
-    micros = max(1, round(seconds * 1_000_000))
-    return struct.pack(timeval_format(), *divmod(micros, 1_000_000))
+    def _timeval(self, seconds):
+        """A socket timeout of `seconds` (at least a microsecond: zero means none)."""
+        micros = max(1, round(seconds * 1_000_000))
+        return struct.pack(self._timeval_format, *divmod(micros, 1_000_000))
 
 
 class ByteBudget:
