@@ -314,22 +314,6 @@ def parse_id(task_id):
     return int(task_id[:8], 16) * 1_000_000 + int(task_id[8:], 16)
 
 
-def list_scripts(folder):
-    """The task's scripts (see is_script_entry), sorted."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(entry.path for entry in entries if is_script_entry(entry))
-    except OSError:
-        return []
-
-
-def is_script_entry(entry):
-    """Whether a folder entry is a script: not hidden, no editor's or package manager's
-    leftover, and a regular file (or a link to one) with an exec bit."""
-    return (not entry.name.startswith(".") and not is_leftover(entry.name)
-            and entry.is_file() and os.access(entry.path, os.X_OK))
-
-
 def is_leftover(filename):
     """Whether a file name is an editor's backup or a package manager's leftover."""
     return LEFTOVER_RE.match(filename) is not None
@@ -440,31 +424,38 @@ def settings_seconds(value):
 class FolderScan(typing.NamedTuple):
     """What a scan of a task folder found, and the folder's stat fields before it."""
 
-    fields: tuple               # (st_dev, st_ino, st_mtime_ns, st_ctime_ns)
-    script: "str | None"        # one script it held, or None
-    script_is_link: bool
+    fields: "tuple | None"      # (st_dev, st_ino, st_mtime_ns, st_ctime_ns); None: no folder
+    candidates: tuple           # (path, is a link) of the entries that may be scripts
     has_settings: bool          # whether .task.ini was among its entries
 
-    def still_holds_its_script(self):
-        """Whether the script found is one still, the folder's entries unchanged: its
-        exec bit, and for a link, what it links to (a file's own type never changes)."""
-        return (self.script is not None and os.access(self.script, os.X_OK)
-                and (not self.script_is_link or os.path.isfile(self.script)))
+    def scripts(self, first_only=False):
+        """The scripts, sorted: of the candidates, those with an exec bit for us now,
+        and for a link, that links to a regular file (a file's own type never changes)."""
+        found = []
+        for path, is_link in self.candidates:
+            if os.access(path, os.X_OK) and (not is_link or os.path.isfile(path)):
+                found.append(path)
+                if first_only:
+                    break
+        return found
 
 
 def scan_folder(folder, fields):
-    """A FolderScan of the folder; one that found nothing if it cannot be read."""
-    script, script_is_link, has_settings = None, False, False
+    """A FolderScan of the folder: its entries that may be scripts (not hidden, no
+    editor's or package manager's leftover, a regular file or a link), sorted; one
+    that found nothing if the folder cannot be read."""
+    candidates, has_settings = [], False
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name == SETTINGS_FILE:
                     has_settings = True
-                elif script is None and is_script_entry(entry):
-                    script, script_is_link = entry.path, entry.is_symlink()
+                elif not entry.name.startswith(".") and not is_leftover(entry.name):
+                    if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                        candidates.append((entry.path, entry.is_symlink()))
     except OSError:
-        return FolderScan(fields, None, False, False)
-    return FolderScan(fields, script, script_is_link, has_settings)
+        return FolderScan(fields, (), False)
+    return FolderScan(fields, tuple(sorted(candidates)), has_settings)
 
 
 def settled(info):
@@ -475,50 +466,49 @@ def settled(info):
 
 
 class TaskFolders:
-    """Whether a task's folder holds a script, and its settings, as each submission
-    asks: with 2 calls to the file system (3 with a .task.ini), where a scan of the
-    folder and an open of .task.ini made 8. Each such call lets go of the interpreter
-    lock, which in a burst of submissions hands it to another thread.
+    """A task folder's scripts and settings, as each submission and each task's start
+    asks: with a stat of the folder and an access per script (and a stat of .task.ini,
+    if there is one), where a scan of the folder and an open of .task.ini made 9 calls.
+    Each such call lets go of the interpreter lock, which in a burst of submissions
+    hands it to another thread.
 
     The answers are those a scan and a read would give at that moment. The folder is
     scanned again whenever its device, inode, mtime or ctime changed (an entry added,
-    removed or renamed, its mode changed), or the script found is one no longer; .task.ini
-    is read again whenever its device, inode, size, mtime or ctime changed. What
-    changed too recently for a later change within the same clock tick to show is
-    not kept at all (git does the same for its racy-clean files); nor is a folder
-    found without a script, since an exec bit set later would not show.
+    removed or renamed, its own mode changed), and every candidate's exec bit is looked
+    at each time; .task.ini is read again whenever its device, inode, size, mtime or
+    ctime changed. What changed too recently for a later change within the same clock
+    tick to show is not kept (git does the same for its racy-clean files).
     """
 
     def __init__(self, scripts_dir, shown_scripts_dir):
         self.scripts_dir = scripts_dir
         self.shown_scripts_dir = shown_scripts_dir
         # Each maps a task name to an entry replaced whole, never changed: the handler
-        # threads share them without a lock. They hold one entry per task folder.
+        # threads and the runner share them without a lock. One entry per task folder.
         self._scans = {}          # task name -> its folder's FolderScan
         self._settings_read = {}  # task name -> (.task.ini's stat fields, its TaskSettings)
 
-    def settings(self, name):
-        """The task's TaskSettings, or None if its folder holds no script; raises
-        SettingsError as read_task_settings does."""
+    def scan(self, name):
+        """The task folder's FolderScan, made again only if the folder may have changed."""
         folder = os.path.join(self.scripts_dir, name)
         try:
             info = os.stat(folder)
         except OSError:
-            return None
+            return FolderScan(None, (), False)
         fields = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
         scan = self._scans.get(name)
-        if scan is None or scan.fields != fields or not scan.still_holds_its_script():
+        if scan is None or scan.fields != fields:
             scan = scan_folder(folder, fields)
-            if scan.script is not None and settled(info):
+            if settled(info):
                 self._scans[name] = scan
-        if scan.script is None:
-            return None
+        return scan
+
+    def settings(self, name, scan):
+        """The task's TaskSettings, given its folder's scan; raises SettingsError as
+        read_task_settings does. Read again only if the file may have changed."""
         if not scan.has_settings:
             return TaskSettings()
-        return self._read_settings(folder, name)
-
-    def _read_settings(self, folder, name):
-        """The folder's .task.ini, read again only if it may have changed."""
+        folder = os.path.join(self.scripts_dir, name)
         try:
             info = os.stat(os.path.join(folder, SETTINGS_FILE))
         except FileNotFoundError:  # removed since the scan, or a dangling link
@@ -1302,6 +1292,7 @@ class Runner:
         self.store = store
         self.scripts_dir = scripts_dir
         self.shown_scripts_dir = shown_scripts_dir
+        self.task_folders = TaskFolders(scripts_dir, shown_scripts_dir)
         self.timeout_s = timeout_s
         self.grace_s = grace_s
         self.handed_over = queue.Queue()  # Claims, or None: shut down
@@ -1571,8 +1562,9 @@ class Runner:
         try:
             with TaskLog(self.store.take_spare_log(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
-                scripts, env = self._prepare(task)
-                timeout_s, problem = self._timeout(task)  # read once: bounds .on-finish too
+                scan = self.task_folders.scan(task.name)
+                scripts, env = self._prepare(task, scan)
+                timeout_s, problem = self._timeout(task, scan)  # read once: bounds .on-finish too
                 claim.synced()  # the first script starts only once the claim is on disk
                 with self._lock:
                     never_began = self._shutdown is not None and task.id not in self._stops
@@ -1607,12 +1599,12 @@ class Runner:
             self._ended = (task_id, status)
             self._started_or_ended.notify_all()
 
-    def _prepare(self, task):
+    def _prepare(self, task, scan):
         """The task's Scripts and their environment, made while the claim syncs."""
         args = task.args
         shown_folder = task_folder(task, self.shown_scripts_dir)
         scripts = []
-        for path in list_scripts(os.path.join(self.scripts_dir, task.name)):
+        for path in scan.scripts():
             shown = printable(os.path.join(shown_folder, os.path.basename(path)))
             scripts.append(Script([path] + args, shown, command_line([shown] + args) + "\n"))
         env = dict(self.env)
@@ -1623,12 +1615,11 @@ class Runner:
                 env[key.encode()] = value.encode()
         return scripts, env
 
-    def _timeout(self, task):
+    def _timeout(self, task, scan):
         """The task's time limit in seconds (0: none), read from its settings as it
         starts, else --timeout; and the line saying why its settings cannot be used."""
-        folder = os.path.join(self.scripts_dir, task.name)
         try:
-            settings = read_task_settings(folder, task_folder(task, self.shown_scripts_dir))
+            settings = self.task_folders.settings(task.name, scan)
         except SettingsError as e:
             return self.timeout_s, f"{e} The task was not run."
         return (self.timeout_s if settings.timeout_s is None else settings.timeout_s), None
@@ -2949,12 +2940,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad or missing name parameter.")
         check_params(params)
         shown_folder = os.path.join(self.server.shown_scripts_dir, name)
+        folders = self.server.runner.task_folders
+        scan = folders.scan(name)
+        if not scan.scripts(first_only=True):
+            abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
         try:
-            settings = self.server.task_folders.settings(name)
+            settings = folders.settings(name, scan)
         except SettingsError as e:
             abort(500, str(e))
-        if settings is None:
-            abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
         if event and self._answer_unqueued_event(event, name, settings, shown_folder):
             return None
         try:
@@ -3263,7 +3256,6 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.runner = runner
         self.scripts_dir = runner.scripts_dir
         self.shown_scripts_dir = runner.shown_scripts_dir
-        self.task_folders = TaskFolders(self.scripts_dir, self.shown_scripts_dir)
         self.token = token
         self.secret = secret
         # Host names besides loopback ones that reach this daemon: --host, --allow-host.

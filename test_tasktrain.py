@@ -2311,28 +2311,41 @@ def test_settings_are_read_again_until_they_have_settled(tmp_path):
     add_script(tmp_path, "deploy", "run", "exit 0\n")
     (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\ntimeout = 9\n")
     folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
-    first = folders.settings("deploy")
+    first = folders.settings("deploy", folders.scan("deploy"))
     assert first.timeout_s == 9
     # Written just now: a change within the same clock tick might not show, so it is
-    # read again at every submission until it is older than SETTLED_NS.
-    assert folders.settings("deploy") is not first
+    # read again every time until it is older than SETTLED_NS.
+    assert folders.settings("deploy", folders.scan("deploy")) is not first
 
 
-def test_settled_settings_are_read_once_and_again_as_soon_as_they_change(
+def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_change(
         tmp_path, monkeypatch):
     monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)  # every file counts as settled
-    script = add_script(tmp_path, "deploy", "run", "exit 0\n")
-    settings = tmp_path / "scripts.d" / "deploy" / ".task.ini"
+    folder = tmp_path / "scripts.d" / "deploy"
+    script = add_script(tmp_path, "deploy", "b", "exit 0\n")
+    settings = folder / ".task.ini"
     settings.write_text("[task]\ntimeout = 9\n")
     folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
-    first = folders.settings("deploy")
-    assert first.timeout_s == 9 and folders.settings("deploy") is first  # not read again
+
+    def look():
+        scan = folders.scan("deploy")
+        return scan, scan.scripts(), folders.settings("deploy", scan)
+
+    scan, scripts, first = look()
+    assert scripts == [str(script)] and first.timeout_s == 9
+    again, _, same = look()
+    assert again is scan and same is first  # neither scanned nor read again
     settings.write_text("[task]\ntimeout = 10\n")  # one byte longer
-    assert folders.settings("deploy").timeout_s == 10
+    assert look()[2].timeout_s == 10
+    notes = add_script(tmp_path, "deploy", "a", "exit 0\n", mode=0o644)  # folder changed
+    assert look()[1] == [str(script)]
+    notes.chmod(0o755)  # only the file changed: its exec bit is looked at every time
+    assert look()[1] == [str(notes), str(script)]
     settings.unlink()
-    assert folders.settings("deploy") == tasktrain.TaskSettings()
+    assert look()[2] == tasktrain.TaskSettings()
     script.chmod(0o644)
-    assert folders.settings("deploy") is None
+    notes.unlink()
+    assert look()[1] == []
 
 
 def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
