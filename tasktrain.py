@@ -424,9 +424,9 @@ def settings_seconds(value):
 class FolderScan(typing.NamedTuple):
     """What a scan of a task folder found, and the folder's stat fields before it."""
 
-    fields: "tuple | None"      # (st_dev, st_ino, st_mtime_ns, st_ctime_ns); None: no folder
-    candidates: tuple           # (path, is a link) of the entries that may be scripts
-    has_settings: bool          # whether .task.ini was among its entries
+    fields: typing.Optional[tuple]  # (st_dev, st_ino, st_mtime_ns, st_ctime_ns), if known
+    candidates: tuple               # (path, is a link) of the entries that may be scripts
+    has_settings: bool              # whether .task.ini was among its entries
 
     def scripts(self, first_only=False):
         """The scripts, sorted: of the candidates, those with an exec bit for us now,
@@ -440,10 +440,13 @@ class FolderScan(typing.NamedTuple):
         return found
 
 
-def scan_folder(folder, fields):
+NOTHING_FOUND = FolderScan(None, (), False)  # no folder, or one that cannot be read
+
+
+def scan_folder(folder, fields=None):
     """A FolderScan of the folder: its entries that may be scripts (not hidden, no
-    editor's or package manager's leftover, a regular file or a link), sorted; one
-    that found nothing if the folder cannot be read."""
+    editor's or package manager's leftover, a regular file or a link), sorted; or
+    NOTHING_FOUND if it cannot be read."""
     candidates, has_settings = [], False
     try:
         with os.scandir(folder) as entries:
@@ -454,7 +457,7 @@ def scan_folder(folder, fields):
                     if entry.is_symlink() or entry.is_file(follow_symlinks=False):
                         candidates.append((entry.path, entry.is_symlink()))
     except OSError:
-        return FolderScan(fields, (), False)
+        return NOTHING_FOUND
     return FolderScan(fields, tuple(sorted(candidates)), has_settings)
 
 
@@ -466,25 +469,26 @@ def settled(info):
 
 
 class TaskFolders:
-    """A task folder's scripts and settings, as each submission and each task's start
-    asks: with a stat of the folder and an access per script (and a stat of .task.ini,
-    if there is one), where a scan of the folder and an open of .task.ini made 9 calls.
-    Each such call lets go of the interpreter lock, which in a burst of submissions
-    hands it to another thread.
+    """Whether a task's folder holds a script, and its settings, as each submission
+    asks: with a stat of the folder and an access of a script (and a stat of
+    .task.ini, if there is one), where a scan of the folder and an open of .task.ini
+    took 6 calls or more. Each such call lets go of the interpreter lock, which in a
+    burst of submissions hands it to another thread. (The runner scans afresh as each
+    task starts: what runs never depends on what is kept here.)
 
-    The answers are those a scan and a read would give at that moment. The folder is
-    scanned again whenever its device, inode, mtime or ctime changed (an entry added,
-    removed or renamed, its own mode changed), and every candidate's exec bit is looked
-    at each time; .task.ini is read again whenever its device, inode, size, mtime or
-    ctime changed. What changed too recently for a later change within the same clock
-    tick to show is not kept (git does the same for its racy-clean files).
+    The folder is scanned again whenever its device, inode, mtime or ctime changed
+    (an entry added, removed or renamed, its own mode changed), and the candidates'
+    exec bits are looked at each time; .task.ini is read again whenever its device,
+    inode, size, mtime or ctime changed. What changed too recently for a later change
+    within the same clock tick to show is not kept (git does the same for its
+    racy-clean files), nor is a scan that failed.
     """
 
     def __init__(self, scripts_dir, shown_scripts_dir):
         self.scripts_dir = scripts_dir
         self.shown_scripts_dir = shown_scripts_dir
-        # Each maps a task name to an entry replaced whole, never changed: the handler
-        # threads and the runner share them without a lock. One entry per task folder.
+        # No lock: each maps a task name to an entry replaced whole, never changed, and
+        # a thread that overwrites a newer entry with an older one costs one more scan.
         self._scans = {}          # task name -> its folder's FolderScan
         self._settings_read = {}  # task name -> (.task.ini's stat fields, its TaskSettings)
 
@@ -494,12 +498,12 @@ class TaskFolders:
         try:
             info = os.stat(folder)
         except OSError:
-            return FolderScan(None, (), False)
+            return NOTHING_FOUND
         fields = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
         scan = self._scans.get(name)
         if scan is None or scan.fields != fields:
             scan = scan_folder(folder, fields)
-            if settled(info):
+            if scan is not NOTHING_FOUND and settled(info):
                 self._scans[name] = scan
         return scan
 
@@ -1292,7 +1296,6 @@ class Runner:
         self.store = store
         self.scripts_dir = scripts_dir
         self.shown_scripts_dir = shown_scripts_dir
-        self.task_folders = TaskFolders(scripts_dir, shown_scripts_dir)
         self.timeout_s = timeout_s
         self.grace_s = grace_s
         self.handed_over = queue.Queue()  # Claims, or None: shut down
@@ -1562,7 +1565,7 @@ class Runner:
         try:
             with TaskLog(self.store.take_spare_log(task.id)) as out, \
                     stdin_for(task.body, self.devnull) as stdin:
-                scan = self.task_folders.scan(task.name)
+                scan = scan_folder(os.path.join(self.scripts_dir, task.name))  # afresh
                 scripts, env = self._prepare(task, scan)
                 timeout_s, problem = self._timeout(task, scan)  # read once: bounds .on-finish too
                 claim.synced()  # the first script starts only once the claim is on disk
@@ -1618,10 +1621,13 @@ class Runner:
     def _timeout(self, task, scan):
         """The task's time limit in seconds (0: none), read from its settings as it
         starts, else --timeout; and the line saying why its settings cannot be used."""
-        try:
-            settings = self.task_folders.settings(task.name, scan)
-        except SettingsError as e:
-            return self.timeout_s, f"{e} The task was not run."
+        settings = TaskSettings()
+        if scan.has_settings:  # the scan was made just now: no open needed to find none
+            try:
+                settings = read_task_settings(os.path.join(self.scripts_dir, task.name),
+                                              task_folder(task, self.shown_scripts_dir))
+            except SettingsError as e:
+                return self.timeout_s, f"{e} The task was not run."
         return (self.timeout_s if settings.timeout_s is None else settings.timeout_s), None
 
     def _run_scripts(self, task, scripts, env, stdin, out, timeout_s, problem):
@@ -2940,7 +2946,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "Bad or missing name parameter.")
         check_params(params)
         shown_folder = os.path.join(self.server.shown_scripts_dir, name)
-        folders = self.server.runner.task_folders
+        folders = self.server.task_folders
         scan = folders.scan(name)
         if not scan.scripts(first_only=True):
             abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
@@ -3256,6 +3262,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.runner = runner
         self.scripts_dir = runner.scripts_dir
         self.shown_scripts_dir = runner.shown_scripts_dir
+        self.task_folders = TaskFolders(self.scripts_dir, self.shown_scripts_dir)
         self.token = token
         self.secret = secret
         # Host names besides loopback ones that reach this daemon: --host, --allow-host.

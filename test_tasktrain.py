@@ -2307,15 +2307,18 @@ def test_a_change_to_a_task_folder_applies_to_the_very_next_submission(
     assert d.request("POST", "/task?name=deploy").status == status
 
 
-def test_settings_are_read_again_until_they_have_settled(tmp_path):
+def test_a_task_folder_and_its_settings_are_read_again_until_they_have_settled(tmp_path):
     add_script(tmp_path, "deploy", "run", "exit 0\n")
     (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\ntimeout = 9\n")
     folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
-    first = folders.settings("deploy", folders.scan("deploy"))
+    scan = folders.scan("deploy")
+    first = folders.settings("deploy", scan)
+    assert scan.scripts() == [str(tmp_path / "scripts.d" / "deploy" / "run")]
     assert first.timeout_s == 9
-    # Written just now: a change within the same clock tick might not show, so it is
-    # read again every time until it is older than SETTLED_NS.
-    assert folders.settings("deploy", folders.scan("deploy")) is not first
+    # Both changed just now: a change within the same clock tick might not show, so
+    # both are read again every time until they are older than SETTLED_NS.
+    again = folders.scan("deploy")
+    assert again is not scan and folders.settings("deploy", again) is not first
 
 
 def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_change(
@@ -2326,26 +2329,54 @@ def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_ch
     settings = folder / ".task.ini"
     settings.write_text("[task]\ntimeout = 9\n")
     folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
+    stamps = iter(range(1, 100))
+
+    def changed_folder():  # a kernel may stamp two changes in one clock tick alike
+        stamp = next(stamps) * 1_000_000_000
+        os.utime(folder, ns=(stamp, stamp))
 
     def look():
         scan = folders.scan("deploy")
         return scan, scan.scripts(), folders.settings("deploy", scan)
 
+    changed_folder()
     scan, scripts, first = look()
     assert scripts == [str(script)] and first.timeout_s == 9
     again, _, same = look()
     assert again is scan and same is first  # neither scanned nor read again
     settings.write_text("[task]\ntimeout = 10\n")  # one byte longer
     assert look()[2].timeout_s == 10
-    notes = add_script(tmp_path, "deploy", "a", "exit 0\n", mode=0o644)  # folder changed
+    notes = add_script(tmp_path, "deploy", "a", "exit 0\n", mode=0o644)
+    changed_folder()
     assert look()[1] == [str(script)]
     notes.chmod(0o755)  # only the file changed: its exec bit is looked at every time
     assert look()[1] == [str(notes), str(script)]
     settings.unlink()
+    changed_folder()
     assert look()[2] == tasktrain.TaskSettings()
     script.chmod(0o644)
     notes.unlink()
+    changed_folder()
     assert look()[1] == []
+
+
+def test_a_task_folder_that_cannot_be_scanned_is_scanned_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)
+    script = add_script(tmp_path, "deploy", "run", "exit 0\n")
+    folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:  # out of file descriptors: the scan fails, as it would for a moment in a flood
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, limits[1]))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        assert folders.scan("deploy").scripts() == []
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert folders.scan("deploy").scripts() == [str(script)]
 
 
 def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
