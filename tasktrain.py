@@ -470,9 +470,8 @@ def settled(info):
 
 class TaskFolders:
     """Whether a task's folder holds a script, and its settings, as each submission
-    asks: with a stat of the folder and an access of a script (and a stat of
-    .task.ini, if there is one), where a scan of the folder and an open of .task.ini
-    took 6 calls or more. Each such call lets go of the interpreter lock, which in a
+    asks: with a stat of the folder, an access of a script and a stat of .task.ini,
+    where a scan of the folder and an open of .task.ini took 6 calls or more. Each such call lets go of the interpreter lock, which in a
     burst of submissions hands it to another thread. (The runner scans afresh as each
     task starts: what runs never depends on what is kept here.)
 
@@ -507,15 +506,14 @@ class TaskFolders:
                 self._scans[name] = scan
         return scan
 
-    def settings(self, name, scan):
-        """The task's TaskSettings, given its folder's scan; raises SettingsError as
-        read_task_settings does. Read again only if the file may have changed."""
-        if not scan.has_settings:
-            return TaskSettings()
+    def settings(self, name):
+        """The task's TaskSettings; raises SettingsError as read_task_settings does.
+        Read again only if the file may have changed. Its stat is not left to the
+        folder's times: a settings file that comes must count at once (`events`)."""
         folder = os.path.join(self.scripts_dir, name)
         try:
             info = os.stat(os.path.join(folder, SETTINGS_FILE))
-        except FileNotFoundError:  # removed since the scan, or a dangling link
+        except FileNotFoundError:
             return TaskSettings()
         except OSError:  # read_task_settings says what is wrong
             info = None
@@ -2951,7 +2949,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not scan.scripts(first_only=True):
             abort(404, f"No task named {name!r}: {shown_folder}/ holds no executable script.")
         try:
-            settings = folders.settings(name, scan)
+            settings = folders.settings(name)
         except SettingsError as e:
             abort(500, str(e))
         if event and self._answer_unqueued_event(event, name, settings, shown_folder):

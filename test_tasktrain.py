@@ -2312,13 +2312,13 @@ def test_a_task_folder_and_its_settings_are_read_again_until_they_have_settled(t
     (tmp_path / "scripts.d" / "deploy" / ".task.ini").write_text("[task]\ntimeout = 9\n")
     folders = tasktrain.TaskFolders(str(tmp_path / "scripts.d"), "scripts.d")
     scan = folders.scan("deploy")
-    first = folders.settings("deploy", scan)
+    first = folders.settings("deploy")
     assert scan.scripts() == [str(tmp_path / "scripts.d" / "deploy" / "run")]
     assert first.timeout_s == 9
     # Both changed just now: a change within the same clock tick might not show, so
     # both are read again every time until they are older than SETTLED_NS.
     again = folders.scan("deploy")
-    assert again is not scan and folders.settings("deploy", again) is not first
+    assert again is not scan and folders.settings("deploy") is not first
 
 
 def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_change(
@@ -2337,7 +2337,7 @@ def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_ch
 
     def look():
         scan = folders.scan("deploy")
-        return scan, scan.scripts(), folders.settings("deploy", scan)
+        return scan, scan.scripts(), folders.settings("deploy")
 
     changed_folder()
     scan, scripts, first = look()
