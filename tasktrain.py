@@ -335,17 +335,24 @@ class SettingsError(Exception):
 
 def read_task_settings(folder, shown):
     """The task's settings; SettingsError names `shown`/.task.ini and the problem."""
+    return read_settings_file(folder, shown)[0]
+
+
+def read_settings_file(folder, shown):
+    """(The task's settings, the stat of the very file read or None if there is none);
+    SettingsError names `shown`/.task.ini and the problem."""
     label = os.path.join(shown, SETTINGS_FILE)
     try:
         # utf-8-sig: Windows Notepad starts a UTF-8 file with a byte order mark.
         with open(os.path.join(folder, SETTINGS_FILE), encoding="utf-8-sig") as f:
+            info = os.fstat(f.fileno())
             # Made only for a file that is there: making one costs 54-83 us (timeit), at
             # every submission and every task's start.
             parser = configparser.ConfigParser(interpolation=None,
                                                inline_comment_prefixes=("#", ";"))
             parser.read_file(f, source=label)
     except FileNotFoundError:
-        return TaskSettings()
+        return TaskSettings(), None
     except OSError as e:
         raise SettingsError(f"{label}: cannot read it: {e.strerror}.") from None
     except UnicodeDecodeError:
@@ -353,7 +360,7 @@ def read_task_settings(folder, shown):
     except configparser.Error as e:
         raise SettingsError(f"{label}: {settings_syntax_problem(e)}") from None
     try:
-        return settings_from(parser)
+        return settings_from(parser), info
     except ValueError as e:
         raise SettingsError(f"{label}: {e}") from None
 
@@ -423,11 +430,10 @@ def settings_seconds(value):
 
 
 class FolderScan(typing.NamedTuple):
-    """What a scan of a task folder found, and the folder's stat fields before it."""
+    """What a scan of a task folder found, and the stat of the very folder it listed."""
 
-    fields: typing.Optional[tuple]  # (st_dev, st_ino, st_mtime_ns, st_ctime_ns), if known
-    candidates: tuple               # (path, is a link) of the entries that may be scripts
-    has_settings: bool              # whether .task.ini was among its entries
+    info: typing.Optional[os.stat_result]  # None: not asked for, or nothing found
+    candidates: tuple                      # (path, is a link) of entries that may be scripts
 
     def scripts(self, first_only=False):
         """The scripts, sorted: of the candidates, those with an exec bit for us now,
@@ -441,25 +447,45 @@ class FolderScan(typing.NamedTuple):
         return found
 
 
-NOTHING_FOUND = FolderScan(None, (), False)  # no folder, or one that cannot be read
+NOTHING_FOUND = FolderScan(None, ())  # no folder, or one that cannot be read
 
 
-def scan_folder(folder, fields=None):
-    """A FolderScan of the folder: its entries that may be scripts (not hidden, no
-    editor's or package manager's leftover, a regular file or a link), sorted; or
-    NOTHING_FOUND if it cannot be read."""
-    candidates, has_settings = [], False
+def scan_folder(folder, with_info=False):
+    """A FolderScan of the folder, or NOTHING_FOUND if it cannot be read. `with_info`
+    adds the stat of the folder listed, from the same open: a path swapped meanwhile
+    to another folder (a symlink a deploy flips) cannot pair one folder's stat with
+    the other's entries."""
     try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name == SETTINGS_FILE:
-                    has_settings = True
-                elif not entry.name.startswith(".") and not is_leftover(entry.name):
-                    if entry.is_symlink() or entry.is_file(follow_symlinks=False):
-                        candidates.append((entry.path, entry.is_symlink()))
+        if not with_info:
+            return FolderScan(None, script_candidates(folder, folder))
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return FolderScan(os.fstat(fd), script_candidates(fd, folder))
+        finally:
+            os.close(fd)
     except OSError:
         return NOTHING_FOUND
-    return FolderScan(fields, tuple(sorted(candidates)), has_settings)
+
+
+def script_candidates(listed, folder):
+    """(path, is a link) of the entries of `listed` (the folder, or its open fd) that
+    may be scripts: not hidden, no editor's or package manager's leftover, a regular
+    file or a link; sorted."""
+    with os.scandir(listed) as entries:
+        return tuple(sorted(
+            (os.path.join(folder, entry.name), entry.is_symlink()) for entry in entries
+            if not entry.name.startswith(".") and not is_leftover(entry.name)
+            and (entry.is_symlink() or entry.is_file(follow_symlinks=False))))
+
+
+def folder_fields(info):
+    """What changes in a folder's stat when an entry comes, goes or is renamed."""
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+def file_fields(info):
+    """What changes in a file's stat when it is written or replaced."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def settled(info):
@@ -479,9 +505,10 @@ class TaskFolders:
     The folder is scanned again whenever its device, inode, mtime or ctime changed
     (an entry added, removed or renamed, its own mode changed), and the candidates'
     exec bits are looked at each time; .task.ini is read again whenever its device,
-    inode, size, mtime or ctime changed. What changed too recently for a later change
-    within the same clock tick to show is not kept (git does the same for its
-    racy-clean files), nor is a scan that failed.
+    inode, size, mtime or ctime changed. What is kept is keyed by the stat of what was
+    read, from the same open. What changed too recently for a later change within the
+    same clock tick to show is not kept (git does the same for its racy-clean files),
+    nor is a scan that failed.
     """
 
     def __init__(self, scripts_dir, shown_scripts_dir):
@@ -499,11 +526,10 @@ class TaskFolders:
             info = os.stat(folder)
         except OSError:
             return NOTHING_FOUND
-        fields = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
         scan = self._scans.get(name)
-        if scan is None or scan.fields != fields:
-            scan = scan_folder(folder, fields)
-            if scan is not NOTHING_FOUND and settled(info):
+        if scan is None or folder_fields(scan.info) != folder_fields(info):
+            scan = scan_folder(folder, with_info=True)
+            if scan is not NOTHING_FOUND and settled(scan.info):
                 self._scans[name] = scan
         return scan
 
@@ -518,14 +544,12 @@ class TaskFolders:
             return TaskSettings()
         except OSError:  # read_task_settings says what is wrong
             info = None
-        fields = info and (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
-                           info.st_ctime_ns)
         known = self._settings_read.get(name)
-        if known and known[0] == fields:
+        if info and known and known[0] == file_fields(info):
             return known[1]
-        settings = read_task_settings(folder, os.path.join(self.shown_scripts_dir, name))
-        if info and settled(info):
-            self._settings_read[name] = (fields, settings)
+        settings, read = read_settings_file(folder, os.path.join(self.shown_scripts_dir, name))
+        if read and settled(read):
+            self._settings_read[name] = (file_fields(read), settings)
         return settings
 
 
@@ -1566,7 +1590,7 @@ class Runner:
                     stdin_for(task.body, self.devnull) as stdin:
                 scan = scan_folder(os.path.join(self.scripts_dir, task.name))  # afresh
                 scripts, env = self._prepare(task, scan)
-                timeout_s, problem = self._timeout(task, scan)  # read once: bounds .on-finish too
+                timeout_s, problem = self._timeout(task)  # read once: bounds .on-finish too
                 claim.synced()  # the first script starts only once the claim is on disk
                 with self._lock:
                     never_began = self._shutdown is not None and task.id not in self._stops
@@ -1617,16 +1641,14 @@ class Runner:
                 env[key.encode()] = value.encode()
         return scripts, env
 
-    def _timeout(self, task, scan):
+    def _timeout(self, task):
         """The task's time limit in seconds (0: none), read from its settings as it
         starts, else --timeout; and the line saying why its settings cannot be used."""
-        settings = TaskSettings()
-        if scan.has_settings:  # the scan was made just now: no open needed to find none
-            try:
-                settings = read_task_settings(os.path.join(self.scripts_dir, task.name),
-                                              task_folder(task, self.shown_scripts_dir))
-            except SettingsError as e:
-                return self.timeout_s, f"{e} The task was not run."
+        try:
+            settings = read_task_settings(os.path.join(self.scripts_dir, task.name),
+                                          task_folder(task, self.shown_scripts_dir))
+        except SettingsError as e:
+            return self.timeout_s, f"{e} The task was not run."
         return (self.timeout_s if settings.timeout_s is None else settings.timeout_s), None
 
     def _run_scripts(self, task, scripts, env, stdin, out, timeout_s, problem):

@@ -2360,6 +2360,46 @@ def test_settled_folders_and_settings_are_read_once_and_again_as_soon_as_they_ch
     assert look()[1] == []
 
 
+@pytest.mark.parametrize("what", ["folder", "settings"])
+def test_what_is_kept_of_a_task_folder_is_what_was_read_while_a_deploy_flips_its_link(
+        tmp_path, monkeypatch, what):
+    monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)
+    releases, scripts = tmp_path / "releases", tmp_path / "scripts.d"
+    (releases / "old").mkdir(parents=True)
+    (releases / "old" / ".task.ini").write_text("[task]\nevents = push\n")
+    script = releases / "old" / "run"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    (releases / "new" / "run").mkdir(parents=True)  # no script, only a folder
+    (releases / "new" / ".task.ini").write_text("[task]\nevents = tag_push\n")
+    scripts.mkdir()
+    link = scripts / "deploy"
+
+    def point_to(release):  # as `ln -sfn` does it: a new link renamed over the old
+        (scripts / "next").symlink_to(releases / release)
+        os.replace(scripts / "next", link)
+
+    point_to("old")
+    folders = tasktrain.TaskFolders(str(scripts), "scripts.d")
+    looked_at = str(link / ".task.ini") if what == "settings" else str(link)
+    real_stat, flips = os.stat, [functools.partial(point_to, "new")]
+
+    def stat_then_flip(path, *args, **kwargs):  # the deploy flips the link just after
+        info = real_stat(path, *args, **kwargs)
+        if str(path) == looked_at and flips:
+            flips.pop()()
+        return info
+
+    monkeypatch.setattr(os, "stat", stat_then_flip)
+    look, in_new, in_old = {
+        "folder": (lambda: folders.scan("deploy").scripts(), [], [str(link / "run")]),
+        "settings": (lambda: folders.settings("deploy").events, {"tag_push"}, {"push"}),
+    }[what]
+    assert look() == in_new  # what it read: the new release
+    point_to("old")  # a rollback
+    assert look() == in_old
+
+
 def test_a_task_folder_that_cannot_be_scanned_is_scanned_again(tmp_path, monkeypatch):
     monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)
     script = add_script(tmp_path, "deploy", "run", "exit 0\n")
