@@ -2542,6 +2542,7 @@ class ClientStream(io.RawIOBase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval(timeout_s))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(timeout_s))
         self._wait_s = timeout_s  # what SO_RCVTIMEO is set to
+        self._stalled = False  # a send took nothing in a whole timeout: no write goes now
 
     def readable(self):
         return True
@@ -2562,11 +2563,15 @@ class ClientStream(io.RawIOBase):
             raise socket.timeout("the client sent nothing in time") from None
 
     def write(self, data):
-        """Send what the socket takes now, waiting for room no longer than the timeout."""
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:  # SO_SNDTIMEO ran out
-            raise socket.timeout("the client took nothing in time") from None
+        """Send what the socket takes within the timeout. Once a client has taken
+        nothing for a whole timeout, every write fails at once: each flush on the way
+        out (the handler's, the base class's, the close's) would wait a timeout more."""
+        if not self._stalled:
+            try:
+                return self._sock.send(data)
+            except BlockingIOError:  # SO_SNDTIMEO ran out
+                self._stalled = True
+        raise socket.timeout("the client took nothing in time")
 
     def expect_head(self, timeout_s):
         """A request head (or a body) is next: it must be in within `timeout_s`."""
@@ -2640,10 +2645,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Buffered streams over the connection (see ClientStream), as the base class
         would make them over a socket with a Python timeout."""
         self.connection = self.request
-        # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
-        # buffered write per answer (flushed at the end of _dispatch) sends it in one packet.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.stream = ClientStream(self.connection, self.timeout)
+        try:
+            # Nagle's algorithm and delayed ACKs cost ~40 ms a keep-alive request; and one
+            # buffered write per answer (flushed at the end of _dispatch) sends it in one
+            # packet.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            self.stream = ClientStream(self.connection, self.timeout)
+        except OSError as e:  # macOS refuses options on a socket the client has reset
+            raise ConnectionResetError(e.errno, e.strerror) from None
         self.rfile = io.BufferedReader(self.stream)
         self.wfile = io.BufferedWriter(self.stream, WRITE_BUFFER_BYTES)
 
@@ -2702,8 +2711,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self._send_line(500, "Internal error; the daemon's log says more.")
             finally:
                 self._release_body()
-            with contextlib.suppress(*CLIENT_GONE):
+            try:
                 self.wfile.flush()  # here, so that the answer has left when the count drops
+            except CLIENT_GONE:
+                self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
 

@@ -2400,6 +2400,21 @@ def test_what_is_kept_of_a_task_folder_is_what_was_read_while_a_deploy_flips_its
     assert look() == in_old
 
 
+def test_a_client_that_took_nothing_for_a_whole_timeout_is_sent_nothing_more():
+    daemon_side, client = socket.socketpair()
+    with daemon_side, client:
+        stream = tasktrain.ClientStream(daemon_side, 0.05)
+        with pytest.raises(socket.timeout):
+            while True:  # the client reads nothing: the socket's buffers fill
+                stream.write(b"x" * 65536)
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while client.recv(1 << 20):  # room again, too late: the client is gone for us
+                pass
+        with pytest.raises(socket.timeout):  # at once, not after another timeout: each
+            stream.write(b"x")               # flush on the way out would wait one more
+
+
 def test_a_task_folder_that_cannot_be_scanned_is_scanned_again(tmp_path, monkeypatch):
     monkeypatch.setattr(tasktrain, "SETTLED_NS", 0)
     script = add_script(tmp_path, "deploy", "run", "exit 0\n")
