@@ -141,10 +141,12 @@ MAX_REF_CHARS = 1024  # a ref or commit goes into the environment, as is
 CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout)  # a client left or stalled
 FORM_TYPE = "application/x-www-form-urlencoded"
 SIGNATURE_HEADERS = ("X-Hub-Signature-256", "X-Gitea-Signature", "X-Gogs-Signature")
-# A request head's limits, as http.client's: a line of 64 KiB, 100 lines (the blank one
-# that ends the head included).
+# A request head's limits: a line of 64 KiB, as http.client's, and 100 header fields.
 MAX_HEAD_LINE_BYTES = 65536
-MAX_HEAD_LINES = 100
+MAX_HEAD_FIELDS = 100
+# Empty lines skipped before a request line (RFC 9112 section 2.2: a client may send
+# one after a POST's body).
+MAX_LEADING_EMPTY_LINES = 8
 HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
 # Sec-Fetch-Site values of requests a browser made from this daemon's own pages, or
@@ -1890,13 +1892,18 @@ def member_runs(pid, pgid):
 # Rendering: text, JSON and HTML, pure functions of a task snapshot
 # ----------------------------------------------------------------------------
 
+# C0, DEL and C1 controls, and the line and paragraph separators: each ends a line for
+# some reader (Python's splitlines() breaks at U+0085 and U+2028).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def shell_quote(arg):
     """shlex.quote, but control characters are written $'\\n': a record keeps its lines."""
-    if not any(ord(c) < 32 or c == "\x7f" for c in arg):
+    if not CONTROL_RE.search(arg):
         return shlex.quote(arg)
     escaped = "".join(
         {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c)
-        or (c if ord(c) >= 32 and c != "\x7f" else "\\x%02x" % ord(c))
+        or (c if not CONTROL_RE.match(c) else "".join(f"\\x{b:02x}" for b in c.encode()))
         for c in arg)
     return "$'" + escaped + "'"
 
@@ -1904,6 +1911,12 @@ def shell_quote(arg):
 def command_line(argv):
     """An argv as a shell would read it, one quoted word per argument."""
     return " ".join(shell_quote(a) for a in argv)
+
+
+# What json.dumps writes otherwise than PHP's json_encode: PHP escapes `/` and leaves
+# DEL as it is. An escaped backslash is matched whole, so that `\\u007f` stays.
+PHP_JSON_RE = re.compile(r"\\\\|\\u007f|/")
+PHP_JSON_TEXT = {"\\u007f": "\x7f", "/": "\\/"}
 
 
 def php_json(params_json):
@@ -1914,7 +1927,7 @@ def php_json(params_json):
             params_json = json.dumps(list(params.values()), separators=(",", ":"))
     elif params_json == "{}":
         return "[]"
-    return params_json.replace("/", "\\/")
+    return PHP_JSON_RE.sub(lambda m: PHP_JSON_TEXT.get(m[0], m[0]), params_json)
 
 
 def rfc2822(us):
@@ -2338,10 +2351,10 @@ def read_header_fields(rfile):
         line = rfile.readline(MAX_HEAD_LINE_BYTES + 1)
         if len(line) > MAX_HEAD_LINE_BYTES:
             abort(431, "Line too long")
-        if count > MAX_HEAD_LINES:
-            abort(431, "Too many headers")
         if line in (b"\r\n", b"\n", b""):
             break
+        if count > MAX_HEAD_FIELDS:
+            abort(431, "Too many headers")
         name, colon, value = line.decode("latin-1").removesuffix("\n").removesuffix("\r") \
             .partition(":")
         value = value.strip(" \t")
@@ -2352,6 +2365,23 @@ def read_header_fields(rfile):
     if malformed:
         abort(400, "Malformed header line.")
     return RequestHeaders(fields)
+
+
+ZERO_Q_RE = re.compile(r"0(\.0{0,3})?")  # q=0, 0.0 ... 0.000
+
+
+def accepted_types(accept):
+    """The media types an Accept header names (lowercase), but those it gives q=0."""
+    types = set()
+    for item in accept.split(","):
+        media_range, *params = item.split(";")
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q" and ZERO_Q_RE.fullmatch(value.strip()):
+                break  # not acceptable (RFC 9110 section 12.4.2)
+        else:
+            types.add(media_range.strip().lower())
+    return types
 
 
 def parse_form(raw):
@@ -2716,7 +2746,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except CLIENT_GONE:
                 self.close_connection = True
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+    def __getattr__(self, name):
+        """do_METHOD, for every method: on a known path, one it does not allow is a
+        405 with Allow, whatever it is (the base class answers 501 to those it lacks)."""
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
     def _route(self, path):
         """The handlers by method of the route that matches, and the path's arguments."""
@@ -2737,11 +2772,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command = None
         self.request_version = self.default_request_version
         self.close_connection = True
+        for _ in range(MAX_LEADING_EMPTY_LINES):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
         self.requestline = str(self.raw_requestline, "latin-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
             return False
         try:
+            if len(self.raw_requestline) > MAX_HEAD_LINE_BYTES:
+                abort(414, "Request-URI Too Long")
             if len(words) >= 3:
                 version = HTTP_VERSION_RE.fullmatch(words[-1])
                 if not version:
@@ -2756,6 +2797,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(words) != 3:
                 abort(400, f"Bad request syntax ({self.requestline!r})")
             self.command, self.path = words[:2]
+            if not FIELD_NAME_RE.fullmatch(self.command):  # a method is a token
+                abort(400, f"Bad request method ({self.command!r})")
             # gh-87389, as the base class: a path of //host is a URL without scheme to
             # a client, an open redirect.
             if self.path.startswith("//"):
@@ -2812,7 +2855,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _wants(self, kind):
         """Whether the client asked for `json`, `html` or `text` (format=, then Accept)."""
-        accept = self.headers.get("Accept", "")
+        accept = accepted_types(self.headers.get("Accept", ""))
         if "application/json" in accept:
             return kind == "json"
         if self.command in ("GET", "HEAD"):

@@ -405,6 +405,8 @@ def test_record_is_seven_lines_byte_for_byte(daemon):
     ({"1": "x"}, '{"1":"x"}'),
     ({"q": 'say "hi"\n\t<b>&'}, '{"q":"say \\"hi\\"\\n\\t<b>&"}'),
     ({"e": "\U0001F600"}, '{"e":"\\ud83d\\ude00"}'),
+    ({"d": "\x7f"}, '{"d":"\x7f"}'),  # PHP escapes below 0x20 only
+    ({"b": "\\u007f"}, '{"b":"\\\\u007f"}'),
 ])
 def test_params_line_is_php_json_encode(shared_daemon, params, expected):
     resp = shared_daemon.request("POST", "/task?" + urllib.parse.urlencode({"name": "example",
@@ -414,10 +416,13 @@ def test_params_line_is_php_json_encode(shared_daemon, params, expected):
 
 def test_process_line_quotes_each_argument_and_stays_one_line(daemon):
     resp = daemon.request("POST", "/task?" + urllib.parse.urlencode(
-        {"name": "example", "msg": "two words", "nl": "a\nb"}))
+        {"name": "example", "msg": "two words", "nl": "a\nb", "nel": "a\x85b",
+         "ls": "a\u2028b", "del": "a\x7fb"}))
     fields = record_fields(resp.text)
     assert fields["PROCESS"] == (f"{daemon.scripts}/example/* --name=example "
-                                 "'--msg=two words' $'--nl=a\\nb'")
+                                 "'--msg=two words' $'--nl=a\\nb' $'--nel=a\\xc2\\x85b' "
+                                 "$'--ls=a\\xe2\\x80\\xa8b' $'--del=a\\x7fb'")
+    assert len(resp.text.splitlines()) == 7  # which breaks at U+0085 and U+2028 too
     assert len(resp.text.split("\n")) == 8
 
 
@@ -794,6 +799,9 @@ def test_unknown_task_id_and_path_are_404(idle_daemon):
     ("DELETE", "/tasks", "GET, HEAD"),
     ("PUT", "/tasks/0123456789abc", "DELETE, GET, HEAD"),
     ("POST", "/tasks/0123456789abc/log", "GET, HEAD"),
+    ("TRACE", "/task", "POST"),
+    ("BREW", "/tasks", "GET, HEAD"),
+    ("get", "/", "GET, HEAD"),  # methods are case-sensitive
 ])
 def test_wrong_method_on_known_path_is_405_with_allow(idle_daemon, method, path, allow):
     resp = idle_daemon.request(method, path)
@@ -1790,7 +1798,7 @@ MALFORMED = [
     (b"POST /task?name=ex\xc3ample HTTP/1.1\r\n\r\n", 400),
     (b"POST /task?name=example&k=%C3 HTTP/1.1\r\n\r\n", 400),
     (b"POST /task?name=example&k=%G1 HTTP/1.1\r\n\r\n", 400),
-    (b"BREW /tasks HTTP/1.1\r\n\r\n", 501),
+    (b"G<T /tasks HTTP/1.1\r\n\r\n", 400),  # a method is a token
     (b"POST /task?name=example HTTP/1.1\r\nNo colon\r\nContent-Length: 5\r\n\r\nhello", 400),
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length : 5\r\n\r\nhello", 400),
     (b"GET / HTTP/1.1\r\n: no name\r\n\r\n", 400),
@@ -1809,6 +1817,17 @@ def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(idle_daemon, 
     assert body.count(b"\n") == 1
     assert idle_daemon.get("/").status == 200
     assert idle_daemon.get("/tasks?format=json").json() == []
+
+
+def test_a_request_head_holds_up_to_100_header_fields(idle_daemon):
+    fields = b"".join(b"X-A%d: b\r\n" % i for i in range(100))
+    answer = raw_exchange(idle_daemon.port, b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_empty_lines_before_a_request_line_are_skipped(idle_daemon):
+    answer = raw_exchange(idle_daemon.port, b"\r\n\nGET / HTTP/1.1\r\n\r\n")  # RFC 9112 2.2
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"Task Manager is running!")
 
 
 def test_a_length_declared_twice_alike_is_one_length(daemon):
@@ -3201,6 +3220,20 @@ def test_secret_without_token_warns_that_reads_and_cancels_are_open(tmp_path, da
     stderr = daemons("--secret", "hush").stderr()  # with --token too: see the test above
     assert "reads and cancels (GET /tasks..., DELETE /tasks/ID) are open" in stderr
     assert "hush" not in stderr
+
+
+@pytest.mark.parametrize("accept, content_type", [
+    ("TEXT/HTML", "text/html"),  # media types are case-insensitive
+    ("text/html;q=0.5, */*;q=0.1", "text/html"),
+    ("text/html;q=0", "text/plain"),  # q=0: not acceptable
+    ("application/json; q=0.000, text/plain", "text/plain"),
+    ("Application/JSON", "application/json"),
+    ("application/json-seq", "text/plain"),
+])
+def test_accept_is_read_as_media_types_with_their_q(daemon, accept, content_type):
+    task_id = daemon.submit("example")
+    resp = daemon.get(f"/tasks/{task_id}", headers={"Accept": accept})
+    assert resp.headers["Content-Type"] == content_type + "; charset=utf-8"
 
 
 def test_every_answer_varies_with_accept(daemon):
