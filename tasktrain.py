@@ -3062,6 +3062,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         wait_s = self._preferred_wait()
         if wait_s is not None:
             return task.id, wait_s, {"Location": "tasks/" + task.id}
+        if not is_new:  # found (pending, or ended for a replayed webhook): as it stands
+            self._send_task(task, 200, {"Location": "tasks/" + task.id})
+            return None
         if self._wants("json"):
             fields = task_fields(task, self.server.shown_scripts_dir, position)
             content_type, record = JSON, json_bytes(dict(fields, output=""))

@@ -2122,6 +2122,7 @@ def test_a_signed_body_already_accepted_is_answered_with_its_task_whatever_the_u
     again = post_delivery(d, body, {**headers, "X-GitHub-Delivery": "d-again"}, query=query)
     assert (again.status, again.headers["Location"]) == (200, "tasks/" + task_id), again.text
     assert record_fields(again.text)["STATUS"] == "complete"
+    assert again.text == d.get(f"/tasks/{task_id}").text  # its output too: the record
     assert tasks_now(d) == before
 
 
