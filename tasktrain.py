@@ -2384,6 +2384,21 @@ def accepted_types(accept):
     return types
 
 
+def split_target(target):
+    """(authority or None, path, query) of a request target: the origin form
+    `/path?query`, whose path is taken as it is (`//tasks` is no route), or the
+    absolute form `http://host/path?query`, whose authority stands for the Host
+    header (RFC 9112 section 3.2). Any other form matches no route."""
+    target = target.partition("#")[0]
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return None, path, query
+    url = urllib.parse.urlsplit(target)
+    if url.scheme.lower() in ("http", "https") and url.netloc:
+        return url.netloc, url.path or "/", url.query
+    return None, target, ""
+
+
 def parse_form(raw):
     """Decode `a=1&b=2` bytes strictly: bad percent-encoding or UTF-8 is a 400."""
     pairs = []
@@ -2708,18 +2723,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_pending = self.body_length != 0
         with self.server.answering():  # a stop waits for answers under way
             try:
-                self._refuse_browser_attacks()
+                authority, path, query = split_target(self.path)
+                self._refuse_browser_attacks(authority)
                 self._refuse_multipart()
-                url = urllib.parse.urlsplit(self.path)
                 method = "GET" if self.command == "HEAD" else self.command
-                self.needs_signature = self._authorize(url.path, method)
-                methods, args = self._route(url.path)
+                self.needs_signature = self._authorize(path, method)
+                methods, args = self._route(path)
                 if method not in methods:
                     allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
                     abort(405, f"Method {self.command} is not allowed here.",
                           {"Allow": ", ".join(allowed)})
                 # The request line was decoded as Latin-1: this gives back its bytes.
-                self.query = parse_form(url.query.encode("latin-1"))
+                self.query = parse_form(query.encode("latin-1"))
                 self.query_values = dict(self.query)
                 getattr(self, methods[method])(*args)
             except HTTPError as e:
@@ -2799,10 +2814,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.command, self.path = words[:2]
             if not FIELD_NAME_RE.fullmatch(self.command):  # a method is a token
                 abort(400, f"Bad request method ({self.command!r})")
-            # gh-87389, as the base class: a path of //host is a URL without scheme to
-            # a client, an open redirect.
-            if self.path.startswith("//"):
-                self.path = "/" + self.path.lstrip("/")
             self.headers = read_header_fields(self.rfile)
         except HTTPError as e:
             self.send_error(e.status, e.reason)
@@ -2896,13 +2907,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- authorization --
 
-    def _refuse_browser_attacks(self):
+    def _refuse_browser_attacks(self, authority):
         """403 for what a web page could make a browser send: a Host that is not this
-        daemon's (DNS rebinding), or a cross-site POST or DELETE (request forgery)."""
+        daemon's (DNS rebinding), or a cross-site POST or DELETE (request forgery).
+        `authority`: an absolute-form target's, which stands for the Host header."""
         hosts = self.headers.get_all("Host", [])
         if len(hosts) > 1:
             abort(400, "More than one Host header.")  # RFC 9112 section 3.2
-        name = host_name(hosts[0]) if hosts else ""
+        host = authority if authority is not None else hosts[0] if hosts else ""
+        name = host_name(host) if host else ""
         if name and not (is_loopback_name(name) or name in self.server.allowed_hosts):
             abort(403, f"Host {name!r} is not this daemon's name (DNS rebinding?); if it is, "
                        f"start Task Train with --allow-host {name}.")
@@ -2914,8 +2927,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             cross_site = fetch_site.strip().lower() not in SAME_SITE_FETCHES
         else:  # an older browser: its Origin must name the host it talks to
             cross_site = origin is not None and (
-                urllib.parse.urlsplit(origin.strip()).netloc.lower()
-                != (hosts[0].strip().lower() if hosts else ""))
+                urllib.parse.urlsplit(origin.strip()).netloc.lower() != host.strip().lower())
         if cross_site:
             abort(403, "Cross-site request refused: another web site's page may not "
                        "submit or cancel tasks.")

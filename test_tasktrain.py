@@ -788,7 +788,7 @@ def test_more_than_10000_pending_is_503_with_retry_after(tmp_path, daemons):
 
 def test_unknown_task_id_and_path_are_404(idle_daemon):
     for path in ("/tasks/0123456789abc", "/tasks/xyz", "/nope", "/tasks/0123456789abc/log",
-                 "/tasks/"):
+                 "/tasks/", "//tasks", "//", "/tasks//", "//127.0.0.1/tasks", "*"):
         resp = idle_daemon.get(path)
         assert (resp.status, resp.text) == (404, "Not found"), path  # as server.php
 
@@ -3187,6 +3187,11 @@ def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemon
     twice = raw_exchange(d.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
                                  b"\r\n")
     assert twice.startswith(b"HTTP/1.1 400 ")
+    # An absolute-form target's host stands for the Host header (RFC 9112 3.2.2).
+    for target, host, status in [(b"http://evil.example/tasks", b"localhost", b"403"),
+                                 (b"HTTP://127.0.0.1:5800/tasks", b"evil.example", b"200")]:
+        answer = raw_exchange(d.port, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host))
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
 
 
 @pytest.mark.parametrize("method, content_type", [
