@@ -105,6 +105,7 @@ ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get t
 # dies, a stop crashes) past threading.TIMEOUT_MAX, ~292 years, and a stop adds graces.
 MAX_SECONDS = 10**9
 COPY_CHUNK_BYTES = 64 * 1024
+LINGER_S = 2  # how long a closing connection reads what its client still sends
 WRITE_BUFFER_BYTES = 64 * 1024  # a handler's: most answers leave in one write
 HTML_TAIL_BYTES = 256 * 1024
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
@@ -2588,6 +2589,8 @@ class ClientStream(io.RawIOBase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(timeout_s))
         self._wait_s = timeout_s  # what SO_RCVTIMEO is set to
         self._stalled = False  # a send took nothing in a whole timeout: no write goes now
+        self._head_bytes = 0  # bytes received since expect_head
+        self.head_cut_short = False  # a head (or body) begun was not in by its deadline
 
     def readable(self):
         return True
@@ -2600,12 +2603,19 @@ class ClientStream(io.RawIOBase):
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout("the request head took too long")
+                raise self._timed_out("the request head took too long")
             self._bound_waits(left)
         try:
-            return self._sock.recv_into(buffer)
+            received = self._sock.recv_into(buffer)
         except BlockingIOError:  # SO_RCVTIMEO ran out
-            raise socket.timeout("the client sent nothing in time") from None
+            raise self._timed_out("the client sent nothing in time") from None
+        self._head_bytes += received
+        return received
+
+    def _timed_out(self, why):
+        """The timeout to raise, noting whether a request had begun."""
+        self.head_cut_short = self._deadline is not None and self._head_bytes > 0
+        return socket.timeout(why)
 
     def write(self, data):
         """Send what the socket takes within the timeout. Once a client has taken
@@ -2621,10 +2631,11 @@ class ClientStream(io.RawIOBase):
     def expect_head(self, timeout_s):
         """A request head (or a body) is next: it must be in within `timeout_s`."""
         self._deadline = time.monotonic() + timeout_s
+        self._head_bytes, self.head_cut_short = 0, False
 
     def head_done(self):
         """The head (or body) is in: each wait for data is bounded by the timeout again."""
-        self._deadline = None
+        self._deadline, self.head_cut_short = None, False
         self._bound_waits(self._timeout_s)
 
     def _bound_waits(self, seconds):
@@ -2704,6 +2715,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Answer one request; every per-request field is set here first, so that
         nothing of a keep-alive connection's previous request survives into it."""
+        self.command, self.requestline = None, ""  # until parsed
+        self.request_version = self.default_request_version
         self.headers = None         # until parsed
         self.request_no = None      # counted as the answer starts (X-Req-Count)
         self.query = []             # the query's (key, value) pairs, decoded once
@@ -2715,6 +2728,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_reserved = 0      # bytes of the server's body budget this request holds
         self.stream.expect_head(self.head_timeout)
         super().handle_one_request()
+        if self.stream.head_cut_short:  # begun, not in by the deadline: the base class
+            with contextlib.suppress(*CLIENT_GONE):  # closed without a word
+                self.send_error(408, "Timed out reading the request head.")
+                self.wfile.flush()
 
     def _dispatch(self):
         """Route, authorize and answer one request; errors become one-line answers."""
@@ -3367,6 +3384,20 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self._answers = 0  # requests being answered
         self._answers_changed = threading.Condition()
         super().__init__(address, Handler)
+
+    def shutdown_request(self, request):
+        """Close a connection after its last answer, reading what the client still
+        sends for up to LINGER_S first (a lingering close, as Apache's): a socket
+        closed with data unread resets the connection, and the client could lose the
+        answer before it (a 408 to a head that trickled, a 400 before a body)."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)  # the answer, then the end of it
+            until = time.monotonic() + LINGER_S
+            while (left := until - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(COPY_CHUNK_BYTES):
+                    break  # the client has closed its side too
+        self.close_request(request)
 
     def serve_until_signalled(self, stop_reader):
         """Accept connections until the number of a stop signal arrives on

@@ -3440,11 +3440,13 @@ def test_a_client_that_stops_reading_its_answer_is_dropped_after_the_timeout(
 
 
 @pytest.mark.parametrize("start, trickle, answer", [
-    (b"GET / HTTP/1.1\r\n", b"X-Trickle: 1\r\n", b""),  # closed, unanswered
+    (b"GET / HTTP/1.1\r\n", b"X-Trickle: 1\r\n", b"HTTP/1.1 408 "),
     # A body that trickled in would hold its share of the body budget for as long.
     (b"POST /task?name=hook HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n",
      b"x", b"HTTP/1.1 408 "),
-], ids=["head", "body"])
+    (b"GET / HT", b"", b"HTTP/1.1 408 "),  # a request line begun, then nothing
+    (b"", b"", b""),  # no request begun: closed without a word
+], ids=["head", "body", "request line", "idle"])
 def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
         tmp_path, monkeypatch, start, trickle, answer):
     monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.3)
