@@ -501,9 +501,10 @@ def settled(info):
 class TaskFolders:
     """Whether a task's folder holds a script, and its settings, as each submission
     asks: with a stat of the folder, an access of a script and a stat of .task.ini,
-    where a scan of the folder and an open of .task.ini took 6 calls or more. Each such call lets go of the interpreter lock, which in a
-    burst of submissions hands it to another thread. (The runner scans afresh as each
-    task starts: what runs never depends on what is kept here.)
+    where a scan of the folder and an open of .task.ini took 6 calls or more. Each
+    such call lets go of the interpreter lock, which in a burst of submissions hands
+    it to another thread. (The runner scans afresh as each task starts: what runs
+    never depends on what is kept here.)
 
     The folder is scanned again whenever its device, inode, mtime or ctime changed
     (an entry added, removed or renamed, its own mode changed), and the candidates'
@@ -3065,7 +3066,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 name, params, body, on_claimed=self.server.runner.hand_over, event=event,
                 webhook_key=webhook_key, supersede=settings.supersede)
         except QueueFull:
-            abort(503, f"More than {MAX_PENDING} tasks are pending; try again later.",
+            abort(503, f"The queue is full: {MAX_PENDING} tasks are pending; try again later.",
                   {"Retry-After": str(RETRY_AFTER_S)})
         return self._send_submitted(*submitted)
 
