@@ -3103,7 +3103,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             record = (render_record_head(task, self.server.shown_scripts_dir) + "\n").encode()
         # Made into the write buffer now, while the runner wakes; it leaves at the flush
         # after the wait (a record past WRITE_BUFFER_BYTES leaves sooner, the same).
-        self._send(201 if is_new else 200, content_type, record, {"Location": "tasks/" + task.id})
+        self._send(201, content_type, record, {"Location": "tasks/" + task.id})
         if handed_to_runner:
             self.server.runner.wait_started(handed_to_runner, HANDED_OVER_WAIT_S)
 
