@@ -2970,6 +2970,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if any(map(self.headers.get, SIGNATURE_HEADERS)):
                 return True
             unauthorized("Bad X-Gitlab-Token." if gitlab is not None
+                         else "Missing token or webhook signature." if token
                          else "Missing webhook signature.")
         if token:
             unauthorized()
@@ -3349,8 +3350,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return date[1]
 
     def log_request(self, code="-", size="-"):
-        """Log refused requests only: the task list is the record of the accepted ones."""
-        if int(code) >= 400:
+        """Log refused requests only: the task list is the record of the accepted ones
+        (a 424 is the outcome of a task waited for, not a refusal)."""
+        if int(code) >= 400 and int(code) != OUTCOME_STATUS["failed"]:
             log.warning("%s %r %s", self.address_string(), self.requestline, int(code))
 
     def log_message(self, format, *args):
@@ -3757,8 +3759,12 @@ CLIENT_RUNS = {"submit": client_submit, "status": client_status, "log": client_l
 def main(argv=None):
     """Run the daemon until SIGTERM or SIGINT, or a client command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in CLIENT_COMMANDS:
-        return run_client(argv)
+    # A client's --url may also come before its command (the daemon has no --url).
+    url = (argv[:2] if argv[:1] == ["--url"]
+           else argv[:1] if argv[:1] and argv[0].startswith("--url=") else [])
+    command = argv[len(url):len(url) + 1]
+    if command and command[0] in CLIENT_COMMANDS:
+        return run_client(command + url + argv[len(url) + 1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s tasktrain: %(message)s")

@@ -2794,6 +2794,8 @@ def test_prefer_wait_answers_once_the_task_has_ended(wait_daemon):
     assert resp.status == 424 and record_fields(resp.text)["STATUS"] == "failed"
     assert waiting(d, "GET", "/tasks/" + record["ID"], 0)[0].status == 200
     assert waiting(d, "GET", "/tasks/0123456789abc", 5)[0].status == 404
+    logged = d.stderr()  # refusals, but not the outcome of a task waited for
+    assert "/tasks/0123456789abc HTTP/1.1' 404" in logged and "' 424" not in logged
 
 
 def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(wait_daemon):
@@ -3073,6 +3075,14 @@ def test_client_exit_status_says_how_it_went(client_daemon, capfd, args, code, s
         assert done[2].count("\n") == 1 and done[1] == ""  # one line says why
 
 
+@pytest.mark.parametrize("url_first", [["--url", "URL"], ["--url=URL"]])
+def test_the_client_takes_its_url_before_its_command_too(client_daemon, capfd, url_first):
+    url = f"http://127.0.0.1:{client_daemon.port}"
+    args = [a.replace("URL", url) for a in url_first] + ["submit", "good", "k=v", "--wait"]
+    assert tasktrain.main(args) == 0
+    assert "STATUS:  complete\n" in capfd.readouterr().out
+
+
 @pytest.mark.parametrize("args, reason", [
     (["submit", "No Name"], "Bad or missing name parameter."),
     (["submit", "good", "bad key=1"], "Bad parameter name 'bad key'"),
@@ -3258,6 +3268,10 @@ def test_a_wrong_gitlab_token_is_bad_not_missing(tmp_path, daemons):
     assert (wrong.status, wrong.text) == (401, "Bad X-Gitlab-Token.\n")
     missing = d.request("POST", "/task?name=hook")
     assert (missing.status, missing.text) == (401, "Missing webhook signature.\n")
+    d.stop()
+    d = daemons("--secret", "hush", "--token", "t0k")  # a hook may send the token instead
+    missing = d.request("POST", "/task?name=hook")
+    assert (missing.status, missing.text) == (401, "Missing token or webhook signature.\n")
 
 
 def test_a_missing_interpreter_is_named_in_the_log(tmp_path, daemons):
