@@ -97,15 +97,17 @@ SETTLED_NS = 3_000_000_000
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
 # A submission that wakes the idle runner answers once the task's first script is
 # starting, or after this long: the handler and the runner share one interpreter lock,
-# and an answer sent first held the start back (dispatch 2.19 ms here, 2.06 after), as
-# did one made after the wait (3.40 ms against 3.20 made before it, sent after).
+# and an answer sent before the start, or made after it, held the start back.
 HANDED_OVER_WAIT_S = 0.05
 ANSWERS_END_S = 1.0  # at a stop, how long answers under way (follows too) get to end
 # The longest --timeout, --grace or timeout setting: Python's timers overflow (a thread
 # dies, a stop crashes) past threading.TIMEOUT_MAX, ~292 years, and a stop adds graces.
 MAX_SECONDS = 10**9
 COPY_CHUNK_BYTES = 64 * 1024
-LINGER_S = 2  # how long a closing connection reads what its client still sends
+# How long, and how much, a closing connection reads of what its client still sends
+# (a body refused with 413 goes on arriving).
+LINGER_S = 2
+LINGER_MAX_BYTES = 16 * 1024 * 1024
 WRITE_BUFFER_BYTES = 64 * 1024  # a handler's: most answers leave in one write
 HTML_TAIL_BYTES = 256 * 1024
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
@@ -2390,12 +2392,16 @@ def split_target(target):
     """(authority or None, path, query) of a request target: the origin form
     `/path?query`, whose path is taken as it is (`//tasks` is no route), or the
     absolute form `http://host/path?query`, whose authority stands for the Host
-    header (RFC 9112 section 3.2). Any other form matches no route."""
+    header (RFC 9112 section 3.2). Any other form matches no route; a URL that cannot
+    be parsed is a 400."""
     target = target.partition("#")[0]
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return None, path, query
-    url = urllib.parse.urlsplit(target)
+    try:
+        url = urllib.parse.urlsplit(target)
+    except ValueError:  # a bracketed host that is no IPv6 address
+        abort(400, "Bad request target.")
     if url.scheme.lower() in ("http", "https") and url.netloc:
         return url.netloc, url.path or "/", url.query
     return None, target, ""
@@ -2589,8 +2595,8 @@ class ClientStream(io.RawIOBase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval(timeout_s))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(timeout_s))
         self._wait_s = timeout_s  # what SO_RCVTIMEO is set to
-        self._stalled = False  # a send took nothing in a whole timeout: no write goes now
-        self._head_bytes = 0  # bytes received since expect_head
+        self.stalled = False  # a send took nothing in a whole timeout: no write goes now
+        self._head_begun = False  # since expect_head, a byte came other than CR or LF
         self.head_cut_short = False  # a head (or body) begun was not in by its deadline
 
     def readable(self):
@@ -2610,29 +2616,30 @@ class ClientStream(io.RawIOBase):
             received = self._sock.recv_into(buffer)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise self._timed_out("the client sent nothing in time") from None
-        self._head_bytes += received
+        if not self._head_begun:  # empty lines may come between requests (RFC 9112 2.2)
+            self._head_begun = bool(bytes(buffer[:received]).strip(b"\r\n"))
         return received
 
     def _timed_out(self, why):
         """The timeout to raise, noting whether a request had begun."""
-        self.head_cut_short = self._deadline is not None and self._head_bytes > 0
+        self.head_cut_short = self._deadline is not None and self._head_begun
         return socket.timeout(why)
 
     def write(self, data):
         """Send what the socket takes within the timeout. Once a client has taken
         nothing for a whole timeout, every write fails at once: each flush on the way
         out (the handler's, the base class's, the close's) would wait a timeout more."""
-        if not self._stalled:
+        if not self.stalled:
             try:
                 return self._sock.send(data)
             except BlockingIOError:  # SO_SNDTIMEO ran out
-                self._stalled = True
+                self.stalled = True
         raise socket.timeout("the client took nothing in time")
 
     def expect_head(self, timeout_s):
         """A request head (or a body) is next: it must be in within `timeout_s`."""
         self._deadline = time.monotonic() + timeout_s
-        self._head_bytes, self.head_cut_short = 0, False
+        self._head_begun, self.head_cut_short = False, False
 
     def head_done(self):
         """The head (or body) is in: each wait for data is bounded by the timeout again."""
@@ -2713,6 +2720,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.stream)
         self.wfile = io.BufferedWriter(self.stream, WRITE_BUFFER_BYTES)
 
+    def finish(self):
+        """Flush and close the streams, then close lingering (as Apache does): read
+        what the client still sends, for up to LINGER_S and LINGER_MAX_BYTES, since a
+        socket closed with data unread resets the connection, and the client could
+        lose the answer before it (a 408 to a head that trickled, a 400 before a
+        body). Not for a client that took nothing of its answer."""
+        with contextlib.suppress(OSError):
+            super().finish()
+        if self.stream.stalled:
+            return
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            until, left_to_read = time.monotonic() + LINGER_S, LINGER_MAX_BYTES
+            while left_to_read > 0 and (seconds := until - time.monotonic()) > 0:
+                self.connection.settimeout(seconds)
+                received = len(self.connection.recv(COPY_CHUNK_BYTES))
+                if not received:
+                    break  # the client has closed its side too
+                left_to_read -= received
+
     def handle_one_request(self):
         """Answer one request; every per-request field is set here first, so that
         nothing of a keep-alive connection's previous request survives into it."""
@@ -2780,8 +2807,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def __getattr__(self, name):
-        """do_METHOD, for every method: on a known path, one it does not allow is a
-        405 with Allow, whatever it is (the base class answers 501 to those it lacks)."""
+        """do_METHOD, for every method, as the base class looks it up: on a known path,
+        one it does not allow is a 405 with Allow, whatever it is (the base class
+        answers 501 to a method it finds no do_ for)."""
         if name.startswith("do_"):
             return self._dispatch
         raise AttributeError(name)
@@ -2809,6 +2837,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.raw_requestline not in (b"\r\n", b"\n"):
                 break
             self.raw_requestline = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
+        else:
+            if self.raw_requestline in (b"\r\n", b"\n"):
+                self.send_error(400, "Too many empty lines before the request line.")
+                return False
         self.requestline = str(self.raw_requestline, "latin-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
@@ -2891,7 +2923,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             fmt = self.query_values.get("format")
             if fmt in ("json", "html", "text"):
                 return kind == fmt
-        return kind == "html" and "text/html" in accept
+        # A page only for what a browser loads: its relative links are a task's.
+        return kind == "html" and self.command in ("GET", "HEAD") and "text/html" in accept
 
     def _preferred_wait(self):
         """N of `Prefer: wait=N` (RFC 7240), at most MAX_WAIT_S; None if not asked."""
@@ -2970,6 +3003,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if any(map(self.headers.get, SIGNATURE_HEADERS)):
                 return True
             unauthorized("Bad X-Gitlab-Token." if gitlab is not None
+                         else "Bad token, and no webhook signature." if token
+                         and self.headers.get("Authorization")
                          else "Missing token or webhook signature." if token
                          else "Missing webhook signature.")
         if token:
@@ -3322,7 +3357,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _send_line(self, status, line, headers=None, field="error"):
         """Send a one-line answer (an error's reason; a note's, with field="message"),
         as JSON if the Accept header asks for it: the head may not be parsed."""
-        if self.headers is not None and "application/json" in self.headers.get("Accept", ""):
+        if self.headers is not None and "application/json" in accepted_types(
+                self.headers.get("Accept", "")):
             self._send(status, JSON, json_bytes({field: line}), headers)
         else:
             end = b"" if line == NOT_FOUND else b"\n"  # the original's exact answer
@@ -3387,20 +3423,6 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self._answers = 0  # requests being answered
         self._answers_changed = threading.Condition()
         super().__init__(address, Handler)
-
-    def shutdown_request(self, request):
-        """Close a connection after its last answer, reading what the client still
-        sends for up to LINGER_S first (a lingering close, as Apache's): a socket
-        closed with data unread resets the connection, and the client could lose the
-        answer before it (a 408 to a head that trickled, a 400 before a body)."""
-        with contextlib.suppress(OSError):
-            request.shutdown(socket.SHUT_WR)  # the answer, then the end of it
-            until = time.monotonic() + LINGER_S
-            while (left := until - time.monotonic()) > 0:
-                request.settimeout(left)
-                if not request.recv(COPY_CHUNK_BYTES):
-                    break  # the client has closed its side too
-        self.close_request(request)
 
     def serve_until_signalled(self, stop_reader):
         """Accept connections until the number of a stop signal arrives on
@@ -3760,11 +3782,14 @@ def main(argv=None):
     """Run the daemon until SIGTERM or SIGINT, or a client command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # A client's --url may also come before its command (the daemon has no --url).
-    url = (argv[:2] if argv[:1] == ["--url"]
-           else argv[:1] if argv[:1] and argv[0].startswith("--url=") else [])
-    command = argv[len(url):len(url) + 1]
-    if command and command[0] in CLIENT_COMMANDS:
-        return run_client(command + url + argv[len(url) + 1:])
+    url_options = 0
+    if argv[:1] == ["--url"]:
+        url_options = 2
+    elif argv[:1] and argv[0].startswith("--url="):
+        url_options = 1
+    if argv[url_options:url_options + 1] and argv[url_options] in CLIENT_COMMANDS:
+        command = argv[url_options]
+        return run_client([command] + argv[:url_options] + argv[url_options + 1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s tasktrain: %(message)s")
