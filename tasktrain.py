@@ -2806,10 +2806,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except CLIENT_GONE:
                 self.close_connection = True
 
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+
     def __getattr__(self, name):
-        """do_METHOD, for every method, as the base class looks it up: on a known path,
-        one it does not allow is a 405 with Allow, whatever it is (the base class
-        answers 501 to a method it finds no do_ for)."""
+        """do_METHOD for any other method, as the base class looks it up: on a known
+        path, one it does not allow is a 405 with Allow, whatever it is (the base
+        class answers 501 to a method it finds no do_ for)."""
         if name.startswith("do_"):
             return self._dispatch
         raise AttributeError(name)
