@@ -150,6 +150,7 @@ MAX_HEAD_FIELDS = 100
 # Empty lines skipped before a request line (RFC 9112 section 2.2: a client may send
 # one after a POST's body).
 MAX_LEADING_EMPTY_LINES = 8
+NOT_CR_OR_LF_RE = re.compile(rb"[^\r\n]")
 HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
 # Sec-Fetch-Site values of requests a browser made from this daemon's own pages, or
@@ -2617,7 +2618,7 @@ class ClientStream(io.RawIOBase):
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise self._timed_out("the client sent nothing in time") from None
         if not self._head_begun:  # empty lines may come between requests (RFC 9112 2.2)
-            self._head_begun = bool(bytes(buffer[:received]).strip(b"\r\n"))
+            self._head_begun = NOT_CR_OR_LF_RE.search(buffer, 0, received) is not None
         return received
 
     def _timed_out(self, why):
@@ -2839,10 +2840,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.raw_requestline not in (b"\r\n", b"\n"):
                 break
             self.raw_requestline = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
-        else:
-            if self.raw_requestline in (b"\r\n", b"\n"):
-                self.send_error(400, "Too many empty lines before the request line.")
-                return False
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            self.send_error(400, "Too many empty lines before the request line.")
+            return False
         self.requestline = str(self.raw_requestline, "latin-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
