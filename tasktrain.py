@@ -2833,8 +2833,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         the base class's email parser, 9 us so (timeit), of ~700 us of CPU per
         submission. Sets command, path, request_version, headers, close_connection;
         False once a refusal is sent."""
-        self.command = None
-        self.request_version = self.default_request_version
         self.close_connection = True
         for _ in range(MAX_LEADING_EMPTY_LINES):
             if self.raw_requestline not in (b"\r\n", b"\n"):
