@@ -3569,9 +3569,9 @@ class Client:
         self.prefix = parts.path.rstrip("/")
         self.token = token
 
-    def open(self, method, path, body=None, headers=None, waits=False):
-        """Send a request; returns the http.client response, its body not yet read.
-        `waits`: the answer may take as long as a task (a wait or a follow)."""
+    def send(self, method, path, body=None, headers=None, waits=False):
+        """Send a request; returns its connection, to read the answer from with
+        `answer`. `waits`: the answer may take as long as a task (a wait or a follow)."""
         https = self.parts.scheme == "https"
         connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
         headers = dict(headers or {})
@@ -3583,13 +3583,27 @@ class Client:
             conn.connect()
             conn.sock.settimeout(None if waits else ANSWER_TIMEOUT_S)
             conn.request(method, self.prefix + path, body=body, headers=headers)
-            return conn.getresponse()
+            return conn
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise Unreachable(f"cannot reach Task Train at {self.url}: {e}") from None
 
+    def answer(self, conn):
+        """The http.client response to the request sent on `conn`, its body not yet read."""
+        try:
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(f"cannot reach Task Train at {self.url}: {e}") from None
+
+    def open(self, method, path, body=None, headers=None, waits=False):
+        """Send a request; returns the http.client response, its body not yet read."""
+        return self.answer(self.send(method, path, body, headers, waits))
+
     def call(self, method, path, body=None, headers=None, waits=False):
         """Send a request; returns (status, headers, body as text)."""
-        resp = self.open(method, path, body, headers, waits)
+        return self.read(self.open(method, path, body, headers, waits))
+
+    def read(self, resp):
+        """A response's (status, headers, body as text)."""
         try:
             data = resp.read()
         except (OSError, http.client.HTTPException) as e:
@@ -3610,11 +3624,17 @@ class Client:
                 raise
             raise Unreachable(f"Task Train at {self.url} broke off the log: {e}") from None
 
-    def outcome(self, task_id):
-        """The task's record once it has ended (waiting as long as it takes)."""
+    def send_outcome_wait(self, task_id):
+        """Send a wait for the task's end; returns the connection (see outcome)."""
+        return self.send("GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"},
+                         waits=True)
+
+    def outcome(self, task_id, sent=None):
+        """The task's record once it has ended (waiting as long as it takes); `sent`:
+        a wait for it already sent."""
         while True:
-            status, _, record = self.call(
-                "GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"}, waits=True)
+            status, _, record = self.read(self.answer(sent or self.send_outcome_wait(task_id)))
+            sent = None
             if status in OUTCOME_STATUS.values():  # it has ended
                 return record
             if status != 202:  # 202: not ended within the wait, or the daemon is stopping
@@ -3644,6 +3664,9 @@ def key_value(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key == "name":  # the daemon would take the last name given: another task
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME names the task; name cannot "
+                                         "be a parameter")
     return key, value
 
 
@@ -3726,9 +3749,15 @@ def client_submit(client, args):
 
 
 def follow_to_end(client, task_id):
-    """Stream a task's output until it ends; its end decides the exit status."""
+    """Stream a task's output until it ends; its end decides the exit status.
+
+    The wait for the end is sent before the stream: a daemon that is stopped stops
+    listening first, then stops the task and ends the stream, and answers the waits
+    under way (the running task failed) before it exits.
+    """
+    waiting = client.send_outcome_wait(task_id)
     client.copy(f"/tasks/{task_id}/log?follow=1", sys.stdout.buffer)
-    status = record_status(client.outcome(task_id))
+    status = record_status(client.outcome(task_id, waiting))
     print(f"Task {task_id} {status}.", file=sys.stderr)
     return EXIT_COMPLETE if status == "complete" else EXIT_FAILED
 

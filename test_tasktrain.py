@@ -370,6 +370,27 @@ def test_a_stop_ends_follow_streams_properly_with_the_last_lines(tmp_path, daemo
     assert followed_pending == ""
 
 
+@pytest.mark.parametrize("command", ["submit", "log"])
+def test_a_followed_task_that_a_stop_ends_exits_the_client_1(tmp_path, daemons, command):
+    """SPEC 9: 1 when it fails; the daemon stops listening before the stream ends."""
+    add_script(tmp_path, "slow", "run", "echo started; sleep 30\n")
+    d = daemons("--grace", "5")
+    running = d.submit("slow") if command == "log" else None
+    args = ["--follow"] + ([running] if running else ["slow"])
+    follower = subprocess.Popen([*PYTHON, TASKTRAIN, command, "--url",
+                                 f"http://127.0.0.1:{d.port}", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout.readline().endswith("/slow/run --name=slow\n")
+        assert follower.stdout.readline() == "started\n"
+        assert d.signal(signal.SIGTERM) == 0
+        out, err = follower.communicate(timeout=DEADLINE_S)
+    finally:
+        follower.kill()
+    assert out.endswith("while this task ran; its scripts were stopped.\n")
+    assert err.endswith(" failed.\n") and follower.returncode == 1, err
+
+
 def test_sigint_also_stops_cleanly(daemon):
     assert daemon.signal(signal.SIGINT) == 0
 
@@ -3102,6 +3123,9 @@ def test_the_client_takes_its_url_before_its_command_too(client_daemon, capfd, u
     (["submit", "No Name"], "Bad or missing name parameter."),
     (["submit", "good", "bad key=1"], "Bad parameter name 'bad key'"),
     (["submit", "good", "=1"], "expected KEY=VALUE, got '=1'"),
+    # the daemon takes the last name it is given: `bad` would run
+    (["submit", "good", "name=bad"], "'name=bad': NAME names the task; name cannot be a "
+                                     "parameter"),
     (["status", "0123456789abc"], "Not found"),
     (["log", "0123456789abc"], "Not found"),
     (["cancel", "0123456789abc"], "Not found"),
