@@ -77,6 +77,8 @@ KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 ID_RE = r"[0-9a-f]{13}"
 BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 EVENT_RE = re.compile(r"[a-z0-9_]{1,64}")
+# Seconds as people write them: float() also takes 1_0, 1e3, inf and non-ASCII digits.
+SECONDS_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 MAX_PARAMS = 100
 MAX_VALUE_BYTES = 8 * 1024
@@ -354,7 +356,7 @@ def read_settings_file(folder, shown):
             info = os.fstat(f.fileno())
             # Made only for a file that is there: making one costs 54-83 us (timeit), at
             # every submission and every task's start.
-            parser = configparser.ConfigParser(interpolation=None,
+            parser = configparser.ConfigParser(interpolation=None, delimiters=("=",),
                                                inline_comment_prefixes=("#", ";"))
             parser.read_file(f, source=label)
     except FileNotFoundError:
@@ -424,11 +426,8 @@ def settings_words(value, key, pattern, hint):
 
 def settings_seconds(value):
     """The timeout setting in seconds: a number, 0 or more (0: no limit)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):  # also refuses nan
+    seconds = float(value) if SECONDS_RE.fullmatch(value) else -1.0
+    if not 0 <= seconds < float("inf"):  # a run of digits too long for a float
         raise ValueError(f"timeout = {value!r} is not a number of seconds (0 or more).")
     if seconds > MAX_SECONDS:
         raise ValueError(f"timeout = {value!r} is more than {MAX_SECONDS} seconds.")
@@ -3524,11 +3523,8 @@ def non_negative(kind):
 
 
 def seconds_option(text):
-    """An argparse type: seconds, from 0 to MAX_SECONDS (so neither inf nor nan)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
+    """An argparse type: seconds, from 0 to MAX_SECONDS."""
+    seconds = float(text) if SECONDS_RE.fullmatch(text) else -1.0
     if not 0 <= seconds <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"give a number of seconds from 0 to {MAX_SECONDS}, "
                                          f"not {text}")

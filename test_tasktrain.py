@@ -248,6 +248,7 @@ def test_start_creates_missing_folders_and_says_where_scripts_go(tmp_path, daemo
     ["--host", "0.0.0.0"], ["--host=0.0.0.0"],
     # Past threading.TIMEOUT_MAX a timer thread dies, and the stop crashes.
     ["--grace", "inf"], ["--grace", "nan"], ["--timeout", "1e20"], ["--timeout", "-1"],
+    ["--timeout", "1_0"], ["--grace", "\u0661"],
 ])
 def test_bad_options_exit_2_with_usage(argv, tmp_path):
     proc = subprocess.run([*PYTHON, TASKTRAIN, "--state-dir", str(tmp_path), *argv],
@@ -2314,7 +2315,15 @@ def test_task_settings_are_read_and_default_where_absent(tmp_path, text, setting
     ("[task]\ntimeout = -1\n", "timeout = '-1' is not a number of seconds (0 or more)."),
     ("[task]\ntimeout = nan\n", "timeout = 'nan' is not a number of seconds (0 or more)."),
     ("[task]\ntimeout = inf\n", "timeout = 'inf' is not a number of seconds (0 or more)."),
-    ("[task]\ntimeout = 1e20\n", "timeout = '1e20' is more than 1000000000 seconds."),
+    ("[task]\ntimeout = 1" + "0" * 20 + "\n", f"timeout = '1{'0' * 20}' is more than 1000000000 "
+                                             "seconds."),
+    # float() takes them all; the README says a number of seconds.
+    ("[task]\ntimeout = 1e3\n", "timeout = '1e3' is not a number of seconds (0 or more)."),
+    ("[task]\ntimeout = 1_0\n", "timeout = '1_0' is not a number of seconds (0 or more)."),
+    ("[task]\ntimeout = \u0661\u0662\n", "timeout = '\u0661\u0662' is not a number of seconds "
+                                          "(0 or more)."),
+    # configparser's other delimiter; the README says `key = value`
+    ("[task]\nevents: push\n", "line 2: not a 'key = value' line: 'events: push'."),
     (b"[task]\nevents = \xff\n", "it is not UTF-8 text."),
     (None, "cannot read it: Is a directory."),
 ])
