@@ -153,6 +153,9 @@ MAX_HEAD_FIELDS = 100
 # one after a POST's body).
 MAX_LEADING_EMPTY_LINES = 8
 NOT_CR_OR_LF_RE = re.compile(rb"[^\r\n]")
+# A Host value (RFC 9110 section 7.2): an IP literal in brackets, or a registered name
+# or IPv4 address, then perhaps a port.
+HOST_RE = re.compile(r"(\[[0-9A-Za-z:.%_~-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(:[0-9]*)?")
 HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
 # Sec-Fetch-Site values of requests a browser made from this daemon's own pages, or
@@ -2566,8 +2569,14 @@ def refuse_unsigned_params(pairs):
 
 
 def same_secret(given, expected):
-    """Compare secrets in constant time."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """Compare secrets in constant time, as bytes: `given` as the client sent them,
+    `expected` as the command line or the environment gave them."""
+    return hmac.compare_digest(given, os.fsencode(expected))
+
+
+def header_bytes(value):
+    """A header field's value as the bytes sent (fields are read as Latin-1)."""
+    return value.encode("latin-1")
 
 
 class ClientStream(io.RawIOBase):
@@ -2966,6 +2975,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "More than one Host header.")  # RFC 9112 section 3.2
         host = authority if authority is not None else hosts[0] if hosts else ""
         name = host_name(host) if host else ""
+        if host and not (HOST_RE.fullmatch(host) and name):  # "[::1", ":80", "..": no name
+            abort(400, f"Bad Host header: {host!r}.")
         if name and not (is_loopback_name(name) or name in self.server.allowed_hosts):
             abort(403, f"Host {name!r} is not this daemon's name (DNS rebinding?); if it is, "
                        f"start Task Train with --allow-host {name}.")
@@ -2997,7 +3008,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if secret and method == "POST" and path == "/task":
             gitlab = self.headers.get("X-Gitlab-Token")
-            if gitlab is not None and same_secret(gitlab, secret):
+            if gitlab is not None and same_secret(header_bytes(gitlab), secret):
                 return False
             if any(map(self.headers.get, SIGNATURE_HEADERS)):
                 return True
@@ -3015,13 +3026,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
         credentials = credentials.strip()
         if scheme.lower() == "bearer":
-            return same_secret(credentials, token)
+            return same_secret(header_bytes(credentials), token)
         if scheme.lower() == "basic":
             try:
-                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
+                decoded = base64.b64decode(credentials, validate=True)
+            except ValueError:
                 return False
-            return same_secret(decoded.partition(":")[2], token)
+            return same_secret(decoded.partition(b":")[2], token)
         return False
 
     def _webhook_key(self, body):
@@ -3034,11 +3045,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _check_signature(self, body):
         """401 unless the body's GitHub, Gitea or Gogs HMAC-SHA256 signature is right."""
-        expected = hmac.new(self.server.secret.encode(), body, hashlib.sha256).hexdigest()
+        expected = hmac.new(os.fsencode(self.server.secret), body, hashlib.sha256).hexdigest()
         github = self.headers.get("X-Hub-Signature-256", "")
         gitea = self.headers.get("X-Gitea-Signature") or self.headers.get("X-Gogs-Signature", "")
         given = github[len("sha256="):] if github.startswith("sha256=") else gitea
-        if not (given and same_secret(given.strip().lower(), expected)):
+        if not (given and same_secret(header_bytes(given.strip().lower()), expected)):
             unauthorized("Bad webhook signature.")
 
     # -- routes --

@@ -1694,6 +1694,23 @@ def test_token_guards_every_request_but_home(token_daemon, authorization, status
     assert "s3cret" not in d.stderr()
 
 
+def test_a_token_and_a_secret_beyond_ascii_are_compared_as_the_bytes_sent(tmp_path, daemons):
+    """SPEC 6: Bearer T, Basic with password T, X-Gitlab-Token S, as UTF-8 sends them."""
+    add_script(tmp_path, "hook", "run", "exit 0\n")
+    token, secret = "t\u00f6k\u20acn", "s\u00ebcret"
+    d = daemons("--token", token, "--secret", secret)
+    for headers, status in [({"Authorization": b"Bearer " + token.encode()}, 200),
+                            ({"Authorization": basic("me", token)}, 200),
+                            ({"Authorization": b"Bearer " + token.encode("latin-1", "replace")},
+                             401)]:
+        assert d.get("/tasks", headers=headers).status == status, headers
+    signed = {"X-Hub-Signature-256": "sha256=" + sign(b"{}", secret), "X-GitHub-Event": "push"}
+    for headers in (signed, {"X-Gitlab-Token": secret.encode(), "X-Gitlab-Event": "Push Hook"}):
+        resp = d.request("POST", "/task?name=hook", body=b"{}" if "X-GitHub-Event" in headers
+                         else b'{"x": 1}', headers=headers)
+        assert resp.status == 201, resp.text
+
+
 def test_token_from_environment_guards_submissions(tmp_path, daemons):
     add_script(tmp_path, "example", "run", "exit 0\n")
     d = daemons(env={"TASKTRAIN_TOKEN": "envtok"})
@@ -3235,11 +3252,16 @@ def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemon
             ("evil.example", 403), ("evil.example:5800", 403), ("127.0.0.1.nip.io", 403),
             ("localhost", 200), ("LocalHost.:5800", 200), ("app.localhost", 200),
             ("127.0.0.2", 200), ("[::1]:5800", 200), ("", 200),
-            ("tasks.example.com", 200), ("Tasks.Example.COM:443", 200), ("other.example", 200)]:
+            ("tasks.example.com", 200), ("Tasks.Example.COM:443", 200), ("other.example", 200),
+            # no name to check (RFC 9110 7.2: a bad Host value is a 400)
+            ("[::1", 400), ("[::1]x", 400), ("..", 400), (":80", 400), ("127.0.0.1:abc", 400),
+            ("local host", 400)]:
         resp = d.get("/tasks?format=json", headers={"Host": host})
         assert resp.status == status, (host, resp.text)
         if status == 403:
             assert resp.text.count("\n") == 1 and "--allow-host" in resp.text
+        if status == 400:
+            assert resp.text == f"Bad Host header: {host!r}.\n"
     http10 = raw_exchange(d.port, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all
     assert http10.startswith(b"HTTP/1.1 200 ")
     twice = raw_exchange(d.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
