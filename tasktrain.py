@@ -112,6 +112,7 @@ LINGER_S = 2
 LINGER_MAX_BYTES = 16 * 1024 * 1024
 WRITE_BUFFER_BYTES = 64 * 1024  # a handler's: most answers leave in one write
 HTML_TAIL_BYTES = 256 * 1024
+CUT_LINE_MAX_BYTES = 4096  # a task page drops a cut first line up to this long (see shown_from)
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
 LIST_REFRESH_S = 3
 LIST_PAGE_TASKS = 100
@@ -2022,12 +2023,12 @@ def render_json_list(tasks, shown_scripts_dir, position):
 
 
 def render_records(tasks, shown_scripts_dir, log_path):
-    """The text records one after another, as the original's list printed them."""
+    """The text records one after another, each as GET /tasks/ID gives it."""
     for task in tasks:
         yield render_record_head(task, shown_scripts_dir).encode()
         with open_log_to_read(log_path(task.id)) as f:
             yield from read_chunks(f)
-        yield b"\n\n"
+        yield b"\n"
 
 
 PAGE_CSS = """
@@ -2239,15 +2240,29 @@ FOLLOW_SCRIPT = """<script>
 </script>""" % LIVE_KEEP_CHARS
 
 
+def shown_from(tail):
+    """Where a page shows a log's tail from: after its first line break, for the line
+    before it is cut; but a cut line longer than CUT_LINE_MAX_BYTES is shown by its
+    end, from its first whole character, rather than not at all."""
+    line_break = tail.find(b"\n", 0, CUT_LINE_MAX_BYTES)
+    if line_break >= 0:
+        return line_break + 1
+    start = 0
+    while start < min(len(tail), 3) and tail[start] & 0xC0 == 0x80:  # inside a UTF-8 character
+        start += 1
+    return start
+
+
 def render_task_html(task, shown_scripts_dir, tail, tail_start, now, position=None):
     """A task's page for a browser: its fields, each script's outcome and the end of its
     output, which follows live from where the shown part ends while the task runs.
 
-    `tail` holds the log's bytes from offset `tail_start` on; the page shows whole
-    lines of it, so that no character is cut in two where the live part joins.
+    `tail` holds the log's bytes from offset `tail_start` on; the page shows it from
+    shown_from on, and up to a line's end, so that no character is cut in two where
+    the live part joins.
     """
     e = html.escape
-    skip = tail.find(b"\n") + 1 if tail_start else 0  # the first line may be cut
+    skip = shown_from(tail) if tail_start else 0
     end = len(tail) if task.finished else max(skip, tail.rfind(b"\n") + 1)
     fields = [("Status", f'<span id="status" class="{task.status}">{task.status}</span>'),
               ("Params", e(readable_params(task.params)) or "none"),

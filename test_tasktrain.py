@@ -905,6 +905,7 @@ def test_text_list_gives_records_one_after_another(daemon):
     text = daemon.get("/tasks?format=text").text
     assert [m for m in re.findall(r"^ID:      (\w+)$", text, re.M)] == ids[::-1]
     assert text.count("STATUS:  complete") == 2
+    assert text == "".join(daemon.get(f"/tasks/{task_id}").text for task_id in ids[::-1])
 
 
 def test_log_is_the_raw_output(daemon):
@@ -1586,6 +1587,19 @@ def test_the_live_page_follows_from_where_its_tail_ends(tmp_path, daemons):
     assert browser_delete(d, f"/tasks/{task_id}", button).json()["status"] == "cancelled"
     assert stream.read() == d.get(f"/tasks/{task_id}/log").body[len(log):]
     conn.close()
+
+
+def test_a_page_shows_the_end_of_a_line_longer_than_its_tail(tmp_path, daemons):
+    add_script(tmp_path, "long", "run", "printf x; i=0; while [ $i -lt 15 ]; do i=$((i+1)); "
+               "printf '%s' \"$EACH\"; done; echo\n")
+    d = daemons(env={"EACH": "\u00e9" * 10000})  # 300,001 bytes in one line
+    task_id = d.submit("long")
+    assert d.wait_status(task_id)["status"] == "complete"
+    page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html"}).text
+    shown = html.unescape(re.search(r'<div id="output"><div>(.*?)</div>', page, re.S).group(1))
+    assert shown.endswith("\u00e9\n" "exit code: 0\n\n") and "\ufffd" not in shown
+    assert tasktrain.HTML_TAIL_BYTES - 3 <= len(shown.encode()) <= tasktrain.HTML_TAIL_BYTES
+    assert f'Earlier output is in <a href="{task_id}/log">the full log</a>' in page
 
 
 def test_task_page_shows_each_scripts_exit_code_and_duration(tmp_path, daemons):
