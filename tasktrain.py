@@ -430,8 +430,8 @@ def settings_words(value, key, pattern, hint):
 
 def settings_seconds(value):
     """The timeout setting in seconds: a number, 0 or more (0: no limit)."""
-    seconds = float(value) if SECONDS_RE.fullmatch(value) else -1.0
-    if not 0 <= seconds < float("inf"):  # a run of digits too long for a float
+    seconds = float(value) if SECONDS_RE.fullmatch(value) else -1.0  # -1: no number
+    if not 0 <= seconds < float("inf"):  # inf: more digits than a float holds
         raise ValueError(f"timeout = {value!r} is not a number of seconds (0 or more).")
     if seconds > MAX_SECONDS:
         raise ValueError(f"timeout = {value!r} is more than {MAX_SECONDS} seconds.")
@@ -2585,7 +2585,8 @@ def refuse_unsigned_params(pairs):
 
 def same_secret(given, expected):
     """Compare secrets in constant time, as bytes: `given` as the client sent them,
-    `expected` as the command line or the environment gave them."""
+    `expected` a str as Python holds it (fsencode gives back the bytes of one from the
+    command line or the environment)."""
     return hmac.compare_digest(given, os.fsencode(expected))
 
 
@@ -2991,7 +2992,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         host = authority if authority is not None else hosts[0] if hosts else ""
         name = host_name(host) if host else ""
         if host and not (HOST_RE.fullmatch(host) and name):  # "[::1", ":80", "..": no name
-            abort(400, f"Bad Host header: {host!r}.")
+            abort(400, f"Bad host {host!r}: give a name or an address, and perhaps a port.")
         if name and not (is_loopback_name(name) or name in self.server.allowed_hosts):
             abort(403, f"Host {name!r} is not this daemon's name (DNS rebinding?); if it is, "
                        f"start Task Train with --allow-host {name}.")
@@ -3597,8 +3598,8 @@ class Client:
         https = self.parts.scheme == "https"
         connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
         headers = dict(headers or {})
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
+        if self.token:  # as bytes: http.client sends a str as Latin-1
+            headers["Authorization"] = b"Bearer " + os.fsencode(self.token)
         try:
             port = self.parts.port
             conn = connection(self.parts.hostname, port, timeout=CONNECT_TIMEOUT_S)
@@ -3647,20 +3648,30 @@ class Client:
             raise Unreachable(f"Task Train at {self.url} broke off the log: {e}") from None
 
     def send_outcome_wait(self, task_id):
-        """Send a wait for the task's end; returns the connection (see outcome)."""
+        """Send a wait for the task's end; returns the connection (see answered_outcome)."""
         return self.send("GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"},
                          waits=True)
 
-    def outcome(self, task_id, sent=None):
-        """The task's record once it has ended (waiting as long as it takes); `sent`:
-        a wait for it already sent."""
+    def outcome(self, task_id):
+        """The task's record once it has ended (waiting as long as it takes)."""
         while True:
-            status, _, record = self.read(self.answer(sent or self.send_outcome_wait(task_id)))
-            sent = None
+            status, _, record = self.read(self.answer(self.send_outcome_wait(task_id)))
             if status in OUTCOME_STATUS.values():  # it has ended
                 return record
             if status != 202:  # 202: not ended within the wait, or the daemon is stopping
                 raise Refused(record.strip())  # 404, 401: not an outcome to exit 0 with
+
+    def answered_outcome(self, conn):
+        """The record that answers a wait sent on `conn` if it is an outcome, else None
+        (the wait ran out, a proxy gave up on it, the connection was lost). Read once
+        the task has ended or the daemon is stopping: the answer is due at once."""
+        if conn.sock:
+            conn.sock.settimeout(ANSWER_TIMEOUT_S)
+        try:
+            status, _, record = self.read(self.answer(conn))
+        except Unreachable:
+            return None
+        return record if status in OUTCOME_STATUS.values() else None
 
 
 def record_field(record, label):
@@ -3774,12 +3785,17 @@ def follow_to_end(client, task_id):
     """Stream a task's output until it ends; its end decides the exit status.
 
     The wait for the end is sent before the stream: a daemon that is stopped stops
-    listening first, then stops the task and ends the stream, and answers the waits
-    under way (the running task failed) before it exits.
+    listening first, then stops the task, answers the waits under way (the running
+    task failed) and ends the streams. If that wait brings no outcome, the client
+    asks again.
     """
     waiting = client.send_outcome_wait(task_id)
-    client.copy(f"/tasks/{task_id}/log?follow=1", sys.stdout.buffer)
-    status = record_status(client.outcome(task_id, waiting))
+    try:
+        client.copy(f"/tasks/{task_id}/log?follow=1", sys.stdout.buffer)
+        record = client.answered_outcome(waiting)
+    finally:
+        waiting.close()
+    status = record_status(record or client.outcome(task_id))
     print(f"Task {task_id} {status}.", file=sys.stderr)
     return EXIT_COMPLETE if status == "complete" else EXIT_FAILED
 

@@ -378,18 +378,35 @@ def test_a_followed_task_that_a_stop_ends_exits_the_client_1(tmp_path, daemons, 
     d = daemons("--grace", "5")
     running = d.submit("slow") if command == "log" else None
     args = ["--follow"] + ([running] if running else ["slow"])
-    follower = subprocess.Popen([*PYTHON, TASKTRAIN, command, "--url",
-                                 f"http://127.0.0.1:{d.port}", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert follower.stdout.readline().endswith("/slow/run --name=slow\n")
-        assert follower.stdout.readline() == "started\n"
-        assert d.signal(signal.SIGTERM) == 0
-        out, err = follower.communicate(timeout=DEADLINE_S)
-    finally:
-        follower.kill()
-    assert out.endswith("while this task ran; its scripts were stopped.\n")
+    with subprocess.Popen([*PYTHON, TASKTRAIN, command, "--url", f"http://127.0.0.1:{d.port}",
+                           *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as follower:
+        lines = []  # what it has printed; read beside it, so that every wait has a deadline
+        reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: "started\n" in lines)
+            assert d.signal(signal.SIGTERM) == 0
+            follower.wait(timeout=DEADLINE_S)  # its stderr is two lines: no pipe fills
+            reader.join(DEADLINE_S)
+            err = follower.stderr.read()
+        finally:
+            follower.kill()
+    out = "".join(lines)
+    assert re.fullmatch(r"\S+/slow/run --name=slow\nstarted\nexit code: 143\n\nTask Train was "
+                        r"stopped \(SIGTERM\) while this task ran; its scripts were stopped\.\n",
+                        out), out
     assert err.endswith(" failed.\n") and follower.returncode == 1, err
+
+
+def test_a_follow_whose_early_wait_ran_out_asks_for_the_outcome_again(tmp_path, daemons,
+                                                                       capfd, monkeypatch):
+    add_script(tmp_path, "slow", "run", "sleep 1.5; echo done\n")
+    d = daemons()
+    monkeypatch.setattr(tasktrain, "MAX_WAIT_S", 1)  # the wait sent first gets a 202
+    code, out, err = in_process(d, capfd, "submit", "slow", "--follow")
+    assert (code, out.endswith("done\nexit code: 0\n\n")) == (0, True), err
+    assert err.endswith(" complete.\n")
 
 
 def test_sigint_also_stops_cleanly(daemon):
@@ -1718,11 +1735,19 @@ def test_a_token_and_a_secret_beyond_ascii_are_compared_as_the_bytes_sent(tmp_pa
                             ({"Authorization": b"Bearer " + token.encode("latin-1", "replace")},
                              401)]:
         assert d.get("/tasks", headers=headers).status == status, headers
+    listed = client(d, "list", env={"TASKTRAIN_TOKEN": token})
+    assert listed.returncode == 0, listed.stderr
     signed = {"X-Hub-Signature-256": "sha256=" + sign(b"{}", secret), "X-GitHub-Event": "push"}
     for headers in (signed, {"X-Gitlab-Token": secret.encode(), "X-Gitlab-Event": "Push Hook"}):
         resp = d.request("POST", "/task?name=hook", body=b"{}" if "X-GitHub-Event" in headers
                          else b'{"x": 1}', headers=headers)
         assert resp.status == 201, resp.text
+
+
+def test_a_token_that_is_not_utf8_is_compared_as_its_bytes(tmp_path, daemons):
+    d = daemons("--token", os.fsdecode(b"t\xffk"))  # as a shell passes such bytes
+    assert d.get("/tasks", headers={"Authorization": b"Bearer t\xffk"}).status == 200
+    assert d.get("/tasks", headers={"Authorization": "Bearer t\ufffdk".encode()}).status == 401
 
 
 def test_token_from_environment_guards_submissions(tmp_path, daemons):
@@ -3275,7 +3300,8 @@ def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemon
         if status == 403:
             assert resp.text.count("\n") == 1 and "--allow-host" in resp.text
         if status == 400:
-            assert resp.text == f"Bad Host header: {host!r}.\n"
+            assert resp.text == (f"Bad host {host!r}: give a name or an address, and perhaps "
+                                 "a port.\n")
     http10 = raw_exchange(d.port, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all
     assert http10.startswith(b"HTTP/1.1 200 ")
     twice = raw_exchange(d.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
