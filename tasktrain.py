@@ -2231,9 +2231,10 @@ FOLLOW_SCRIPT = """<script>
     clearTimeout(timer);
     show();
   }
-  // The stream ends with the task, or with the daemon: reload once it answers again.
+  // The stream ends with the task, or with the daemon: reload once it answers again
+  // (a proxy in front answers 502 or 504 for a daemon that is not there).
   const answers = () => fetch(location.href, {method: "HEAD", cache: "no-store"})
-    .then(() => true, () => false);
+    .then(response => response.status < 500, () => false);
   while (!(await answers())) await new Promise(wake => setTimeout(wake, 2000));
   location.reload();
 })();

@@ -1589,6 +1589,8 @@ def test_the_live_page_follows_from_where_its_tail_ends(tmp_path, daemons):
     assert len(log) > tasktrain.HTML_TAIL_BYTES
     page = d.get(f"/tasks/{task_id}", headers={"Accept": "text/html"}).text
     assert f'This page keeps the last lines; <a href="{task_id}/log">the full log</a>' in page
+    # Once the stream ends it reloads when the daemon answers; a proxy's 502 is no answer.
+    assert ".then(response => response.status < 500, () => false)" in page
     shown = re.search(r'<div id="output"[^>]*><div>(.*?)</div><div></div></div>', page, re.S)
     shown = html.unescape(shown.group(1)).encode()
     assert shown.startswith(b"line ") and log.endswith(b"\n" + shown)
