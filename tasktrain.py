@@ -157,6 +157,8 @@ NOT_CR_OR_LF_RE = re.compile(rb"[^\r\n]")
 # A Host value (RFC 9110 section 7.2): an IP literal in brackets, or a registered name
 # or IPv4 address, then perhaps a port.
 HOST_RE = re.compile(r"(\[[0-9A-Za-z:.%_~-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(:[0-9]*)?")
+# An Origin header that names one (RFC 6454 section 7): scheme://host[:port].
+ORIGIN_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@\s]+)")
 HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 section 5.1)
 # Sec-Fetch-Site values of requests a browser made from this daemon's own pages, or
@@ -3003,12 +3005,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if fetch_site is not None:
             cross_site = fetch_site.strip().lower() not in SAME_SITE_FETCHES
-        else:  # an older browser: its Origin must name the host it talks to
-            cross_site = origin is not None and (
-                urllib.parse.urlsplit(origin.strip()).netloc.lower() != host.strip().lower())
+        else:  # an older browser: judged by its Origin
+            cross_site = origin is not None and not self._is_own_origin(origin, host)
         if cross_site:
             abort(403, "Cross-site request refused: another web site's page may not "
                        "submit or cancel tasks.")
+
+    def _is_own_origin(self, origin, host):
+        """Whether an Origin header names the Host the request was sent to, or a name
+        given with --allow-host: a proxy in front may send its own Host, or drop the
+        port from the browser's (nginx's $host)."""
+        match = ORIGIN_RE.fullmatch(origin.strip())  # `null`, or no origin at all: not own
+        netloc = match[1].lower() if match else ""
+        return bool(netloc) and (netloc == host.strip().lower()
+                                 or host_name(netloc) in self.server.proxy_hosts)
 
     def _refuse_multipart(self):
         """415 for a multipart body (curl -F): its parts would reach the scripts as one
@@ -3440,8 +3450,10 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.task_folders = TaskFolders(self.scripts_dir, self.shown_scripts_dir)
         self.token = token
         self.secret = secret
-        # Host names besides loopback ones that reach this daemon: --host, --allow-host.
-        self.allowed_hosts = frozenset(host_name(h) for h in (address[0], *allowed_hosts))
+        # Host names besides loopback ones that reach this daemon: --host, --allow-host;
+        # and those a proxy in front serves its pages under: --allow-host.
+        self.proxy_hosts = frozenset(map(host_name, allowed_hosts))
+        self.allowed_hosts = self.proxy_hosts | {host_name(address[0])}
         self.request_counter = itertools.count(1)
         self.body_budget = ByteBudget(MAX_BODIES_HELD_BYTES)
         # Set once the runner has stopped: follow streams then send what is left of

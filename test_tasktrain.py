@@ -3269,6 +3269,9 @@ OWN = "127.0.0.1:{port}"  # the Host header http.client sends, and so the daemon
     ("POST", "/task?name=x!", {"Origin": "http://evil.example"}, 403),
     ("POST", "/task?name=x!", {"Origin": "null"}, 403),  # a sandboxed frame, a file:// page
     ("POST", "/task?name=x!", {"Origin": "http://" + OWN}, 400),  # an older browser
+    ("POST", "/task?name=x!", {"Origin": "http://127.0.0.1:1"}, 403),  # another local site
+    ("POST", "/task?name=x!", {"Origin": "http://[::1"}, 403),  # no origin at all
+    ("POST", "/task?name=x!", {"Origin": "http://" + OWN + "/x"}, 403),
     # Behind a TLS proxy the Origin is https://; Fetch Metadata decides where it is sent.
     ("POST", "/task?name=x!", {"Sec-Fetch-Site": "same-origin",
                                "Origin": "https://example.com"}, 400),
@@ -3285,6 +3288,20 @@ def test_a_cross_site_post_or_delete_from_a_browser_is_403(idle_daemon, method, 
     assert resp.status == status, resp.text
     if status == 403:
         assert resp.text.startswith("Cross-site request refused") and resp.text.count("\n") == 1
+
+
+def test_behind_a_proxy_an_older_browsers_origin_may_name_an_allowed_host(tmp_path, daemons):
+    """Without Sec-Fetch-Site, the Origin decides; nginx sends its own Host (the
+    README's recipe), or the browser's without its port ($host)."""
+    d = daemons("--allow-host", "example.com")
+    for host, origin, status in [
+            (None, "https://example.com", 400), (None, "https://Example.COM:8443", 400),
+            ("example.com", "https://example.com:8443", 400),
+            (None, "https://evil.example", 403), (None, "https://example.com.evil.example", 403),
+            ("example.com", "http://127.0.0.1:1", 403)]:
+        headers = {"Origin": origin} | ({"Host": host} if host else {})
+        resp = d.request("POST", "/task?name=x!", headers=headers)
+        assert resp.status == status, (host, origin, resp.text)
 
 
 def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemons):
