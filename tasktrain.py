@@ -1703,8 +1703,10 @@ class Runner:
             if timer:
                 timer.cancel()
         if stop:
+            if not runs and stop[1] == CANCELLED_RUNNING:  # it came before the first script
+                stop = (stop[0], CANCELLED_PENDING)
             out.write(stop[1] + "\n")
-            return Outcome(stop[0], exit_code, runs)
+            return Outcome(stop[0], exit_code if runs else None, runs)
         return Outcome("complete" if exit_code == 0 else "failed", exit_code, runs)
 
     def _run_script(self, task, argv, folder, env, stdin, out):

@@ -521,6 +521,21 @@ def start_runner(tmp_path):
     return store, runner
 
 
+def test_a_cancel_between_a_tasks_claim_and_its_first_script_says_it_never_ran(tmp_path):
+    add_script(tmp_path, "deploy", "run", 'touch "$0.ran"\n')
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    task_id = store.submit("deploy", {}).task.id
+    claim = store.start_claiming()  # claimed, as the runner thread would
+    assert runner.stop(task_id, "cancelled", tasktrain.CANCELLED_RUNNING) is None
+    outcome = runner._run(claim)  # the runner thread's step, run here
+    assert outcome == tasktrain.Outcome("cancelled", None, [])
+    assert not (tmp_path / "scripts.d" / "deploy" / "run.ran").exists()
+    with open(store.log_path(task_id)) as log:
+        assert log.read() == tasktrain.CANCELLED_PENDING + "\n"
+    store.close()
+
+
 @contextlib.contextmanager
 def store_refuses_status(state_dir, status=None):
     """While inside, the task database refuses to set a task's status (to `status`,
