@@ -1759,6 +1759,8 @@ class Runner:
         except OSError as e:
             out.write(f"cannot run {shown}: {why_not_run(path, e)}\n\n")
             return
+        with contextlib.suppress(sqlite3.Error):  # a restart after a crash stops it too
+            self.store.record_process(task.id, proc.pid)
         with self._lock:
             self._finishing, deadline = proc, self._stop_deadline
         if deadline is not None:  # a stop came after the check above

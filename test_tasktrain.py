@@ -1380,6 +1380,30 @@ def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
     assert "left running by a daemon that died" in d.stderr()
 
 
+def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemons):
+    """SPEC 8: .on-finish runs before the next task starts, after a crash too."""
+    add_script(tmp_path, "slow", "run", "exit 0\n")
+    add_script(tmp_path, "slow", ".on-finish", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "next", "run",
+               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.pid")/stat 2>/dev/null)\n'
+               'echo "orphan:${state:-gone}" > "$GO.out"\n')
+    d = daemons()
+    running_id, queued = d.submit("slow"), d.submit("next")
+    pid_file = tmp_path / "go.pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    orphan = int(pid_file.read_text())
+    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
+                                            uri=True)) as db:
+        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
+                                    (running_id,)).fetchone()[0] == orphan)
+    d.proc.kill()
+    d.proc.wait()
+    assert not gone(orphan)
+    d = daemons()
+    d.wait_status(queued)
+    assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
+
+
 def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
