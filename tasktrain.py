@@ -97,6 +97,10 @@ FOLLOW_POLL_S = 0.02
 # once a clock tick (once a second on HFS+, every two on FAT).
 SETTLED_NS = 3_000_000_000
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
+# Errors that mean no room for a file to grow (a file size limit is one, as for a full
+# disk): a task whose log cannot take its first line waits for room instead of failing.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM = "no room"  # an Outcome's status: the task never started, and waits for room
 # A submission that wakes the idle runner answers once the task's first script is
 # starting, or after this long: the handler and the runner share one interpreter lock,
 # and an answer sent before the start, or made after it, held the start back.
@@ -1103,15 +1107,22 @@ class TaskStore:
         never started goes back to the head of the queue, to run after the next start."""
         with self._lock:
             self._claiming = False
-            task_id, self._held = self._held, None
+        self.put_back()
+
+    def put_back(self):
+        """Put the task claimed for the runner, which it never started, back at the head
+        of the queue: the runner has stopped, or its log had no room."""
+        with self._lock:
+            task_id = self._held
             if task_id is None:
                 return
-            with self._transaction():
+            with self._transaction():  # undone, it leaves the task held and running
                 self._db.execute("UPDATE tasks SET status = 'pending', started_us = NULL "
                                  "WHERE id = ?", (task_id,))
                 bisect.insort(self._pending, task_id)
                 self._pending_fingerprints.setdefault(self._row(task_id, "fingerprint")[0],
                                                       task_id)
+            self._held = None
             synced = self._synced_so_far()
         synced()
 
@@ -1292,6 +1303,7 @@ class TaskLog:
     def __init__(self, fd):
         self.fd = fd
         self.error = None   # why a write failed, the first time one did
+        self.no_room = False  # whether that was for want of room (NO_ROOM_ERRNOS)
         self.note = None    # what the log must say about it, once it can
 
     def __enter__(self):
@@ -1312,7 +1324,8 @@ class TaskLog:
                 data = data[os.write(self.fd, data):]
             return True
         except OSError as e:
-            self.error = self.error or e.strerror
+            if self.error is None:
+                self.error, self.no_room = e.strerror, e.errno in NO_ROOM_ERRNOS
             self.note = self.note or OUTPUT_LOST.format(self.error)
             return False
 
@@ -1366,6 +1379,9 @@ class Runner:
         self._unrecorded = None  # under _task_finished: the task whose end cannot be written
         # Runner thread only: task id -> the line its log must still get (a full disk).
         self._notes = {}
+        # Runner thread only: whether the task at the head of the queue waits for room
+        # for its log (logged once, not at every try).
+        self._waiting_for_room = False
         # Runner thread only: groups of the running task whose script has exited while
         # members it started live on; they are stopped once the task's last script has
         # exited. Those members are the daemon's children once orphaned where it is the
@@ -1556,6 +1572,10 @@ class Runner:
             if outcome.status == "pending":  # stop_claiming puts it back in the queue
                 claim = None
                 continue
+            if outcome.status == NO_ROOM:
+                claim = self._wait_for_room(claim)
+                continue
+            self._waiting_for_room = False
             if outcome.status != "complete":
                 log.warning("task %s (%s) %s, exit code %s",
                             task.id, task.name, outcome.status, outcome.exit_code)
@@ -1563,6 +1583,24 @@ class Runner:
             with self._task_finished:
                 self._unrecorded = None
             self._write_notes()
+
+    def _wait_for_room(self, claim):
+        """Put back a task that never started for want of room for its log, at the head
+        of the queue, and claim it again in a while; returns the claim to run, or None
+        when a submission meanwhile claimed it and hands it over."""
+        if not self._waiting_for_room:
+            log.error("task %s: no room for its log; it waits at the head of the queue, "
+                      "and runs once there is room", claim.task.id)
+            self._waiting_for_room = True
+        try:
+            self.store.put_back()
+        except (sqlite3.Error, OSError):  # no room in the store either: it stays claimed
+            self._shutting_down.wait(STORE_RETRY_S)
+            return claim
+        while not self._shutting_down.wait(STORE_RETRY_S):  # a stop cuts it short
+            with contextlib.suppress(sqlite3.Error, OSError):  # the store may be full too
+                return self.store.claim()
+        return None
 
     def _record_finish(self, task_id, outcome):
         """Record how a task ended, and claim the next in the same commit and fsync;
@@ -1614,13 +1652,16 @@ class Runner:
                                                 problem)
                     return outcome
                 finally:
-                    self._scripts_over(task.id, outcome.status)
+                    if outcome.status != NO_ROOM:  # it is not over: it waits for room
+                        self._scripts_over(task.id, outcome.status)
                     self._stop_left_behind(out)
                     if outcome.runs:  # SPEC 8: only after a task that was started
                         self._run_on_finish(task, outcome, env, stdin, out, timeout_s)
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
+            if e.errno in NO_ROOM_ERRNOS:
+                return Outcome(NO_ROOM)
             log.error("task %s: cannot start it: %s", task.id, e)
             self._notes[task.id] = f"Task Train could not start this task: {e.strerror}."
             self._scripts_over(task.id, "failed")
@@ -1684,6 +1725,9 @@ class Runner:
                 if stop:
                     break
                 if not out.write(script.line):
+                    if not runs and out.no_room:  # nothing has started: worth a later try
+                        out.note = None
+                        return Outcome(NO_ROOM)
                     out.note = NOT_STARTED.format(out.error)  # see never_started
                     return Outcome("failed", None, runs)
                 with self._lock:

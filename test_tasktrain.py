@@ -1278,6 +1278,28 @@ def test_a_full_disk_is_a_503_and_the_queue_goes_on_in_order_once_there_is_room(
 
 
 @NEEDS_PRLIMIT
+def test_a_task_whose_log_has_no_room_waits_at_the_head_of_the_queue(tmp_path, daemons):
+    """Never lose work: a store that still takes commits (its write-ahead log is
+    written ahead) beside logs that do not fit must not fail the queue."""
+    add_script(tmp_path, "gate", "run", UNTIL_GO)
+    add_script(tmp_path, "quick", "run", 'echo "$2" >> "$GO.ran"\n')
+    d = daemons(wrapper=FULL_DISK)
+    gate = d.submit("gate")
+    first = d.submit("quick", i="first")
+    (d.state / "logs" / f"{first}.log").write_bytes(b"." * 100_000)  # past the 96 KiB
+    (tmp_path / "go").touch()
+    wait_for(lambda: f"task {first}: no room for its log" in d.stderr())
+    # Put back, it is pending but for the moment of each new try.
+    wait_for(lambda: (d.task(first)["status"], d.task(first).get("position")) == ("pending", 1))
+    second = d.submit("quick", i="second")
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert d.wait_status(second)["status"] == "complete"
+    assert d.task(first)["status"] == "complete" and d.task(gate)["status"] == "complete"
+    assert (tmp_path / "go.ran").read_text().split() == ["--i=first", "--i=second"]
+    assert d.stderr().count("no room for its log") == 1  # not once a second
+
+
+@NEEDS_PRLIMIT
 def test_a_stop_while_a_tasks_end_cannot_be_written_fails_it_at_the_next_start(tmp_path,
                                                                              daemons):
     add_script(tmp_path, "gate", "run", UNTIL_GO + 'echo gate >> "$GO.ran"\n')
