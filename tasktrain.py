@@ -26,6 +26,7 @@ import ast
 import base64
 import bisect
 import codecs
+import collections
 import configparser
 import contextlib
 import dataclasses
@@ -116,6 +117,7 @@ LINGER_S = 2
 LINGER_MAX_BYTES = 16 * 1024 * 1024
 WRITE_BUFFER_BYTES = 64 * 1024  # a handler's: most answers leave in one write
 HTML_TAIL_BYTES = 256 * 1024
+PRUNED_AT_END_KEPT = 100  # with --keep 0, tasks kept in memory as they ended, for waits
 CUT_LINE_MAX_BYTES = 4096  # a task page drops a cut first line up to this long (see shown_from)
 LIVE_KEEP_CHARS = 1_000_000  # a page that kept a whole 100 MB log froze its tab for 35 s
 LIST_REFRESH_S = 3
@@ -642,8 +644,11 @@ class TaskStore:
         #   _finished (the count of finished tasks) does.
         # - _held is the id of the task the runner holds: claimed for it, its end not yet
         #   written, and not let go (release). While it is set nothing else is claimed.
+        # - _pruned_at_end holds the last tasks pruned in the commit that ended them
+        #   (--keep 0), as they ended, for the waits on them (see ended).
         self._lock = threading.Lock()
         self._held = None
+        self._pruned_at_end = collections.OrderedDict()
         self._claiming = False  # True while the runner is ready for tasks
         self._transaction_now = Transaction(0)  # the open one, or the last one begun
         self._committed = 0     # the number of the last transaction committed
@@ -884,6 +889,10 @@ class TaskStore:
             "body = x'' WHERE id = ?",
             (status, exit_code, json.dumps(list(runs)), now_us(), task_id))
         self._finished += 1
+        if self.keep == 0:
+            self._pruned_at_end[task_id] = task_from_row(self._row(task_id))
+            while len(self._pruned_at_end) > PRUNED_AT_END_KEPT:
+                self._pruned_at_end.popitem(last=False)
         return self._prune()
 
     def _prune(self):
@@ -1051,6 +1060,13 @@ class TaskStore:
         with self._lock:
             row = self._row(task_id)
         return task_from_row(row) if row else None
+
+    def ended(self, task_id):
+        """The task as it stands, or as it ended if --keep 0 pruned it then (a wait for
+        it still has an outcome to give), or None."""
+        with self._lock:
+            row = self._row(task_id)
+            return task_from_row(row) if row else self._pruned_at_end.get(task_id)
 
     def status(self, task_id):
         """Just the status of a task, or None if there is no such task."""
@@ -3257,7 +3273,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if wait_s is None:
             self.show_task(task_id)
         else:
-            self._show_outcome(self._task(task_id).id, wait_s)
+            self._show_outcome((self.server.store.ended(task_id) or not_found()).id, wait_s)
 
     def show_task(self, task_id):
         """The record, as text, JSON or a live HTML page."""
@@ -3287,14 +3303,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The record once the task has ended, or `wait_s` has passed, or the daemon
         stops: 200 complete, 424 failed or cancelled, 202 not ended yet."""
         self.server.runner.wait_finished(task_id, wait_s)
-        task = self._task(task_id)  # one snapshot: the status and the record agree
+        # One snapshot: the status and the record agree.
+        task = self.server.store.ended(task_id) or not_found()
         self._send_task(task, OUTCOME_STATUS.get(task.status, 202),
                         {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
 
     def show_log(self, task_id):
         """GET /tasks/ID/log: the raw output, from byte ?from=N on (0); ?follow=1
-        streams it to the task's end."""
-        self._task(task_id)
+        streams it to the task's end. A follow that comes after --keep 0 pruned the
+        task as it ended gets what is left: nothing (its outcome is a wait's)."""
+        self.server.store.ended(task_id) or not_found()
         start = self._query_number("from", 0, 0)
         if self._wants("json"):  # JSON on every route: the task, output included
             self.show_task(task_id)

@@ -3059,6 +3059,26 @@ def test_with_keep_0_a_cancelled_pending_task_is_answered_and_leaves_no_log(tmp_
     wait_for(lambda: d.get(f"/tasks/{blocker}").status == 404)
 
 
+def test_with_keep_0_a_wait_still_gets_the_outcome(tmp_path, daemons, capfd):
+    """SPEC 9: an ended task's wait is 200 or 424, though --keep 0 pruned it as it ended."""
+    add_script(tmp_path, "good", "run", "echo fine\n")
+    add_script(tmp_path, "bad", "run", "exit 3\n")
+    d = daemons("--keep", "0")
+    for name, status, code in [("good", 200, "complete"), ("bad", 424, "failed")]:
+        resp = d.request("POST", f"/task?name={name}", headers={"Prefer": "wait=30"})
+        assert (resp.status, record_fields(resp.text)["STATUS"]) == (status, code), resp.text
+        task_id = record_fields(resp.text)["ID"]
+        assert d.get(f"/tasks/{task_id}").status == 404
+        # A wait or a follow that comes once it is gone (as a client's may) still ends.
+        late = d.request("GET", f"/tasks/{task_id}", headers={"Prefer": "wait=30"})
+        assert (late.status, record_fields(late.text)["STATUS"]) == (status, code)
+        follow = d.get(f"/tasks/{task_id}/log?follow=1")
+        assert (follow.status, follow.text) == (200, "")  # its output went with its log
+    for args, code in [(["good", "--wait"], 0), (["good", "x=1", "--follow"], 0),
+                       (["bad", "--follow"], 1)]:
+        assert in_process(d, capfd, "submit", *args)[0] == code, args
+
+
 @pytest.mark.parametrize("ending", ["cancel", "supersede"])
 def test_every_commit_that_ends_a_task_wakes_its_waits(tmp_path, ending):
     store = tasktrain.TaskStore(str(tmp_path))
