@@ -1803,6 +1803,8 @@ class Runner:
         path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             return
+        with contextlib.suppress(sqlite3.Error):  # a crash while it runs leaves them shown
+            self.store.record_scripts(task.id, outcome.runs)
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         shown = os.path.join(task_folder(task, self.shown_scripts_dir), ON_FINISH)
         out.write(f"on-finish (task {outcome.status}, exit code {exit_code or 'none'}): "

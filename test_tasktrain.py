@@ -1424,6 +1424,8 @@ def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemo
     d = daemons()
     d.wait_status(queued)
     assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
+    task = d.task(running_id)  # failed by the crash, with the script it ran
+    assert task["status"] == "failed" and [r["exit_code"] for r in task["scripts"]] == [0]
 
 
 def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
