@@ -183,6 +183,7 @@ OUTCOME_STATUS = {"complete": 200, "failed": 424, "cancelled": 424}
 
 SETTINGS_FILE = ".task.ini"
 ON_FINISH = ".on-finish"  # run after every task of its folder that started
+ON_FINISH_LINE_START = "on-finish (task "  # of the line that begins its part of the log
 SETTINGS_KEYS = ("events", "supersede", "timeout")
 NOT_FOUND = "Not found"
 MISSING_SCRIPTS = "Missing scripts for this task name."
@@ -660,6 +661,7 @@ class TaskStore:
         self.on_ended = lambda: None
         with self._lock:
             crashed, requeued, synced = self._recover()
+            self.failed_at_start = crashed  # a dead daemon left them running
             last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
@@ -719,7 +721,8 @@ class TaskStore:
         with self._transaction():
             self._db.executemany("UPDATE tasks SET status = 'pending', started_us = NULL "
                                  "WHERE id = ?", [(task_id,) for task_id in requeued])
-            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, body = x'' "
+            # The body stays for the task's .on-finish (see Runner._finish_crashed).
+            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
                              "WHERE status = 'running'", (now_us(),))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
         failed = [task_id for task_id, _ in crashed if task_id not in requeued]
@@ -1150,6 +1153,17 @@ class TaskStore:
             if self._held == task_id:
                 self._held = None
 
+    def failed_at_start_tasks(self):
+        """The tasks this start marked failed, with their bodies, for their .on-finish."""
+        with self._lock:
+            rows = [self._row(task_id, COLUMNS + ", body") for task_id in self.failed_at_start]
+        return [dataclasses.replace(task_from_row(row[:-1]), body=row[-1])
+                for row in rows if row]
+
+    def drop_body(self, task_id):
+        """Drop a finished task's body once nothing will read it (committed, not synced)."""
+        self._write_now("UPDATE tasks SET body = x'' WHERE id = ?", (task_id,))
+
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash
         (committed, not synced)."""
@@ -1246,6 +1260,18 @@ def never_started(log_path):
         return False  # unreadable: no proof
     *lines, rest = head.split(b"\n")
     return rest == b"" and all(line == REQUEUED.encode() for line in lines)
+
+
+def log_holds_line(log_path, start):
+    """Whether a task's log holds a line that begins with `start` (read in chunks: a
+    log may be large)."""
+    needle, tail = b"\n" + start.encode(), b"\n"
+    with open_log_to_read(log_path) as f:
+        for chunk in read_chunks(f):
+            if needle in tail + chunk:
+                return True
+            tail = (tail + chunk)[-len(needle):]
+    return False
 
 
 def task_from_row(row):
@@ -1561,6 +1587,24 @@ class Runner:
                     self.store.log_path(task_id), line):
                 del self._notes[task_id]
 
+    def _finish_crashed(self):
+        """Run the .on-finish of each task a dead daemon left running, as after any task
+        that started (SPEC 8), unless its log shows that it had begun already."""
+        for task in self.store.failed_at_start_tasks():
+            log_path = self.store.log_path(task.id)
+            try:
+                if (os.path.isfile(os.path.join(self.scripts_dir, task.name, ON_FINISH))
+                        and not log_holds_line(log_path, ON_FINISH_LINE_START)):
+                    with TaskLog(open_log_to_append(log_path)) as out, \
+                            stdin_for(task.body, self.devnull) as stdin:
+                        env = self._prepare(task, NOTHING_FOUND)[1]
+                        self._run_on_finish(task, Outcome("failed", None, task.scripts), env,
+                                            stdin, out, self._timeout(task)[0])
+            except OSError as e:
+                log.error("task %s: cannot run its .on-finish: %s", task.id, e)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.drop_body(task.id)
+
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
         for pgid in self.store.orphan_groups:
@@ -1572,8 +1616,10 @@ class Runner:
 
     def _loop(self):
         """Run and finish tasks until the daemon shuts down."""
-        # Claims wait until a dead daemon's scripts are stopped: one task at a time.
+        # Claims wait until a dead daemon's scripts are stopped, and the .on-finish of
+        # the tasks it left running has run: one task at a time.
         self._stop_orphans()
+        self._finish_crashed()
         claim = self.store.start_claiming()
         while True:
             if claim is None:
@@ -1807,7 +1853,7 @@ class Runner:
             self.store.record_scripts(task.id, outcome.runs)
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         shown = os.path.join(task_folder(task, self.shown_scripts_dir), ON_FINISH)
-        out.write(f"on-finish (task {outcome.status}, exit code {exit_code or 'none'}): "
+        out.write(f"{ON_FINISH_LINE_START}{outcome.status}, exit code {exit_code or 'none'}): "
                   + command_line([shown] + task.args) + "\n")
         with self._lock:
             deadline = self._stop_deadline

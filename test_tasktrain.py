@@ -1428,6 +1428,48 @@ def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemo
     assert task["status"] == "failed" and [r["exit_code"] for r in task["scripts"]] == [0]
 
 
+def test_after_a_crash_the_failed_tasks_on_finish_runs_before_the_next_task(tmp_path,
+                                                                            daemons):
+    """SPEC 8: .on-finish runs after every task that was started, whatever its end."""
+    add_script(tmp_path, "slow", "run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "slow", ".on-finish",
+               'echo "$TASKTRAIN_STATUS:$TASKTRAIN_EXIT_CODE:$(cat)" >> "$GO.fin"\n')
+    add_script(tmp_path, "next", "run", 'cp "$GO.fin" "$GO.seen"\n')
+    d = daemons()
+    resp = d.request("POST", "/task?name=slow", body=b"payload")
+    slow, queued = record_fields(resp.text)["ID"], d.submit("next")
+    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    d.proc.kill()
+    d.proc.wait()
+    d = daemons()
+    assert d.wait_status(queued)["status"] == "complete"
+    assert (tmp_path / "go.seen").read_text() == "failed::payload\n"  # before the next task
+    assert d.log(slow).count("on-finish (task failed, exit code none): ") == 1
+    d.stop()
+    daemons()  # a later start runs it no more
+    assert (tmp_path / "go.fin").read_text() == "failed::payload\n"
+
+
+def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
+    add_script(tmp_path, "slow", "run", "exit 0\n")
+    add_script(tmp_path, "slow", ".on-finish", 'echo $$ >> "$GO.fin"\n'
+               '[ -e "$GO.once" ] && exit 0\ntouch "$GO.once"\nexec sleep 300\n')
+    d = daemons()
+    slow = d.submit("slow")
+    fin = tmp_path / "go.fin"
+    wait_for(lambda: fin.exists() and fin.read_text())
+    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
+                                            uri=True)) as db:  # so that a restart stops it
+        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
+                                    (slow,)).fetchone()[0] == int(fin.read_text()))
+    d.proc.kill()
+    d.proc.wait()
+    d = daemons()
+    assert d.wait_status(d.submit("slow"))["status"] == "complete"
+    assert d.task(slow)["status"] == "failed"
+    assert len(fin.read_text().split()) == 2  # the crashed task's, and the new one's
+
+
 def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
