@@ -1346,13 +1346,15 @@ class TaskLog:
         self.fd = fd
         self.error = None   # why a write failed, the first time one did
         self.no_room = False  # whether that was for want of room (NO_ROOM_ERRNOS)
+        self.cut = 0        # bytes of the text a failed write() left in the log
         self.note = None    # what the log must say about it, once it can
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        os.close(self.fd)
+        with contextlib.suppress(OSError):  # NFS reports late write errors here: no use
+            os.close(self.fd)
 
     def fileno(self):
         """The file descriptor the scripts write to."""
@@ -1366,6 +1368,7 @@ class TaskLog:
                 data = data[os.write(self.fd, data):]
             return True
         except OSError as e:
+            self.cut = len(text.encode()) - len(data)
             if self.error is None:
                 self.error, self.no_room = e.strerror, e.errno in NO_ROOM_ERRNOS
             self.note = self.note or OUTPUT_LOST.format(self.error)
@@ -1421,9 +1424,9 @@ class Runner:
         self._unrecorded = None  # under _task_finished: the task whose end cannot be written
         # Runner thread only: task id -> the line its log must still get (a full disk).
         self._notes = {}
-        # Runner thread only: whether the task at the head of the queue waits for room
-        # for its log (logged once, not at every try).
-        self._waiting_for_room = False
+        # Runner thread only: the id of the task at the head of the queue that waits for
+        # room for its log, or None (logged once per task, not at every try).
+        self._waiting_for_room = None
         # Runner thread only: groups of the running task whose script has exited while
         # members it started live on; they are stopped once the task's last script has
         # exited. Those members are the daemon's children once orphaned where it is the
@@ -1602,6 +1605,8 @@ class Runner:
                                             stdin, out, self._timeout(task)[0])
             except OSError as e:
                 log.error("task %s: cannot run its .on-finish: %s", task.id, e)
+            except Exception:  # the queue must go on all the same
+                log.exception("task %s: the runner failed at its .on-finish", task.id)
             with contextlib.suppress(sqlite3.Error):
                 self.store.drop_body(task.id)
 
@@ -1637,7 +1642,7 @@ class Runner:
             if outcome.status == NO_ROOM:
                 claim = self._wait_for_room(claim)
                 continue
-            self._waiting_for_room = False
+            self._waiting_for_room = None
             if outcome.status != "complete":
                 log.warning("task %s (%s) %s, exit code %s",
                             task.id, task.name, outcome.status, outcome.exit_code)
@@ -1650,15 +1655,17 @@ class Runner:
         """Put back a task that never started for want of room for its log, at the head
         of the queue, and claim it again in a while; returns the claim to run, or None
         when a submission meanwhile claimed it and hands it over."""
-        if not self._waiting_for_room:
+        if self._waiting_for_room != claim.task.id:
             log.error("task %s: no room for its log; it waits at the head of the queue, "
                       "and runs once there is room", claim.task.id)
-            self._waiting_for_room = True
+            self._waiting_for_room = claim.task.id
         try:
             self.store.put_back()
-        except (sqlite3.Error, OSError):  # no room in the store either: it stays claimed
+        except sqlite3.Error:  # no room in the store either: undone, it stays claimed
             self._shutting_down.wait(STORE_RETRY_S)
             return claim
+        except OSError:  # committed, not synced: put back all the same, claimed below
+            pass
         while not self._shutting_down.wait(STORE_RETRY_S):  # a stop cuts it short
             with contextlib.suppress(sqlite3.Error, OSError):  # the store may be full too
                 return self.store.claim()
@@ -1693,7 +1700,7 @@ class Runner:
 
     def _run(self, claim):
         """Run a claimed task's scripts; returns its Outcome."""
-        task = claim.task
+        task, began = claim.task, False
         with self._lock:
             self._stops = {task.id: self._stops[task.id]} if task.id in self._stops else {}
         self._write_notes()  # a note a full disk held back may fit by now
@@ -1708,6 +1715,7 @@ class Runner:
                     never_began = self._shutdown is not None and task.id not in self._stops
                 if never_began:
                     return Outcome("pending")
+                began = True  # from here on no error means it never started
                 outcome = Outcome("failed")
                 try:
                     outcome = self._run_scripts(task, scripts, env, stdin, out, timeout_s,
@@ -1722,8 +1730,14 @@ class Runner:
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
-            if e.errno in NO_ROOM_ERRNOS:
+            stop = self._stop_asked(task.id)
+            if e.errno in NO_ROOM_ERRNOS and not began and not stop:
                 return Outcome(NO_ROOM)
+            if stop and not began:  # a cancel while it waited for room
+                self._notes[task.id] = (CANCELLED_PENDING if stop[1] == CANCELLED_RUNNING
+                                        else stop[1])
+                self._scripts_over(task.id, stop[0])
+                return Outcome(stop[0])
             log.error("task %s: cannot start it: %s", task.id, e)
             self._notes[task.id] = f"Task Train could not start this task: {e.strerror}."
             self._scripts_over(task.id, "failed")
@@ -1789,6 +1803,8 @@ class Runner:
                 if not out.write(script.line):
                     if not runs and out.no_room:  # nothing has started: worth a later try
                         out.note = None
+                        with contextlib.suppress(OSError):  # a cut line would look like a start
+                            os.ftruncate(out.fd, os.fstat(out.fd).st_size - out.cut)
                         return Outcome(NO_ROOM)
                     out.note = NOT_STARTED.format(out.error)  # see never_started
                     return Outcome("failed", None, runs)

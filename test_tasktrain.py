@@ -536,6 +536,33 @@ def test_a_cancel_between_a_tasks_claim_and_its_first_script_says_it_never_ran(t
     store.close()
 
 
+def test_a_cancel_reaches_a_task_whose_body_has_no_room_yet(tmp_path):
+    """A task whose stdin file cannot be written (a full disk) waits for room; a cancel
+    meanwhile ends it, and its log says it never ran."""
+    add_script(tmp_path, "deploy", "run", 'touch "$0.ran"\n')
+    store = tasktrain.TaskStore(str(tmp_path / "state"))
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    submitted = store.submit("deploy", {}, body=b"x" * 200_000)
+    submitted.synced()
+    task_id, claim = submitted.task.id, store.start_claiming()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))  # no room for the body
+    try:
+        assert runner._run(claim).status == tasktrain.NO_ROOM  # the runner thread's steps
+        assert runner.stop(task_id, "cancelled", tasktrain.CANCELLED_RUNNING) is None
+        outcome = runner._run(claim)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert (outcome.status, outcome.exit_code) == ("cancelled", None)
+    assert not (tmp_path / "scripts.d" / "deploy" / "run.ran").exists()
+    runner._write_notes()  # as the runner does once there is room
+    with open(store.log_path(task_id)) as log:
+        assert log.read() == tasktrain.CANCELLED_PENDING + "\n"
+    store.close()
+
+
 @contextlib.contextmanager
 def store_refuses_status(state_dir, status=None):
     """While inside, the task database refuses to set a task's status (to `status`,
@@ -1445,9 +1472,6 @@ def test_after_a_crash_the_failed_tasks_on_finish_runs_before_the_next_task(tmp_
     assert d.wait_status(queued)["status"] == "complete"
     assert (tmp_path / "go.seen").read_text() == "failed::payload\n"  # before the next task
     assert d.log(slow).count("on-finish (task failed, exit code none): ") == 1
-    d.stop()
-    daemons()  # a later start runs it no more
-    assert (tmp_path / "go.fin").read_text() == "failed::payload\n"
 
 
 def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
