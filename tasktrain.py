@@ -1715,7 +1715,7 @@ class Runner:
                     never_began = self._shutdown is not None and task.id not in self._stops
                 if never_began:
                     return Outcome("pending")
-                began = True  # from here on no error means it never started
+                began = True  # past here, an error no longer shows that nothing started
                 outcome = Outcome("failed")
                 try:
                     outcome = self._run_scripts(task, scripts, env, stdin, out, timeout_s,
@@ -1730,14 +1730,18 @@ class Runner:
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
-            stop = self._stop_asked(task.id)
-            if e.errno in NO_ROOM_ERRNOS and not began and not stop:
-                return Outcome(NO_ROOM)
-            if stop and not began:  # a cancel while it waited for room
-                self._notes[task.id] = (CANCELLED_PENDING if stop[1] == CANCELLED_RUNNING
-                                        else stop[1])
-                self._scripts_over(task.id, stop[0])
-                return Outcome(stop[0])
+            if not began:
+                with self._lock:
+                    cancel, stopping = self._stops.get(task.id), self._shutdown is not None
+                if cancel:  # asked while it waited for room
+                    self._notes[task.id] = (CANCELLED_PENDING if cancel[1] == CANCELLED_RUNNING
+                                            else cancel[1])
+                    self._scripts_over(task.id, cancel[0])
+                    return Outcome(cancel[0])
+                if stopping:
+                    return Outcome("pending")  # as never_began: stop_claiming puts it back
+                if e.errno in NO_ROOM_ERRNOS:
+                    return Outcome(NO_ROOM)
             log.error("task %s: cannot start it: %s", task.id, e)
             self._notes[task.id] = f"Task Train could not start this task: {e.strerror}."
             self._scripts_over(task.id, "failed")
