@@ -1362,13 +1362,14 @@ class TaskLog:
 
     def write(self, text):
         """Append the runner's own text; False if not all of it could be written."""
-        data = memoryview(text.encode())
+        encoded = text.encode()
+        data = memoryview(encoded)
         try:
             while data:
                 data = data[os.write(self.fd, data):]
             return True
         except OSError as e:
-            self.cut = len(text.encode()) - len(data)
+            self.cut = len(encoded) - len(data)
             if self.error is None:
                 self.error, self.no_room = e.strerror, e.errno in NO_ROOM_ERRNOS
             self.note = self.note or OUTPUT_LOST.format(self.error)
@@ -1734,8 +1735,7 @@ class Runner:
                 with self._lock:
                     cancel, stopping = self._stops.get(task.id), self._shutdown is not None
                 if cancel:  # asked while it waited for room
-                    self._notes[task.id] = (CANCELLED_PENDING if cancel[1] == CANCELLED_RUNNING
-                                            else cancel[1])
+                    self._notes[task.id] = stop_line_before_start(cancel)
                     self._scripts_over(task.id, cancel[0])
                     return Outcome(cancel[0])
                 if stopping:
@@ -1829,9 +1829,7 @@ class Runner:
             if timer:
                 timer.cancel()
         if stop:
-            if not runs and stop[1] == CANCELLED_RUNNING:  # it came before the first script
-                stop = (stop[0], CANCELLED_PENDING)
-            out.write(stop[1] + "\n")
+            out.write((stop[1] if runs else stop_line_before_start(stop)) + "\n")
             return Outcome(stop[0], exit_code if runs else None, runs)
         return Outcome("complete" if exit_code == 0 else "failed", exit_code, runs)
 
@@ -1916,6 +1914,12 @@ class Runner:
     def _kill_later(self, proc, seconds):
         """SIGKILL a process's group in `seconds` if its leader is still unreaped."""
         start_timer(max(0.0, seconds), self._kill_unreaped, proc)
+
+
+def stop_line_before_start(stop):
+    """The line a stop, (status, line), leaves in the log of a task none of whose
+    scripts started: a cancel says the task never ran."""
+    return CANCELLED_PENDING if stop[1] == CANCELLED_RUNNING else stop[1]
 
 
 def start_script(argv, folder, env, stdin, out):
@@ -3341,7 +3345,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if wait_s is None:
             self.show_task(task_id)
         else:
-            self._show_outcome((self.server.store.ended(task_id) or not_found()).id, wait_s)
+            self._show_outcome(self._ended_task(task_id).id, wait_s)
 
     def show_task(self, task_id):
         """The record, as text, JSON or a live HTML page."""
@@ -3371,8 +3375,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The record once the task has ended, or `wait_s` has passed, or the daemon
         stops: 200 complete, 424 failed or cancelled, 202 not ended yet."""
         self.server.runner.wait_finished(task_id, wait_s)
-        # One snapshot: the status and the record agree.
-        task = self.server.store.ended(task_id) or not_found()
+        task = self._ended_task(task_id)  # one snapshot: the status and the record agree
         self._send_task(task, OUTCOME_STATUS.get(task.status, 202),
                         {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
 
@@ -3380,7 +3383,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """GET /tasks/ID/log: the raw output, from byte ?from=N on (0); ?follow=1
         streams it to the task's end. A follow that comes after --keep 0 pruned the
         task as it ended gets what is left: nothing (its outcome is a wait's)."""
-        self.server.store.ended(task_id) or not_found()
+        self._ended_task(task_id)
         start = self._query_number("from", 0, 0)
         if self._wants("json"):  # JSON on every route: the task, output included
             self.show_task(task_id)
@@ -3445,6 +3448,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if task is None:
             not_found()
         return task
+
+    def _ended_task(self, task_id):
+        """The task with this id, or as it ended if --keep 0 pruned it then (what a wait
+        for it answers), or a 404."""
+        return self.server.store.ended(task_id) or not_found()
 
     def _release_body(self):
         """Give the body's share of the server's body budget back (once)."""
