@@ -595,7 +595,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     delivery    TEXT,
     ref         TEXT,
     commit_sha  TEXT,
-    webhook_sha256 TEXT,            -- of the body as sent, if the webhook secret alone let it in
+    webhook_sha256 TEXT,            -- of what the webhook secret alone let in (_webhook_key)
     superseded_by TEXT              -- the id of the task that cancelled it (supersede)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
@@ -2664,14 +2664,21 @@ def forge_event(headers, body):
     delivery = headers.get(delivery_header)
     if delivery is not None and not DELIVERY_RE.fullmatch(delivery):
         abort(400, f"Bad {delivery_header} header: {delivery!r}.")
-    payload = body
+    payload = form_payload(headers, body)
+    payload = body if payload is None else payload
+    ref, commit = payload_ref_and_commit(payload, gitlab=event_header == "X-Gitlab-Event")
+    return ForgeEvent(value.strip(), delivery, ref, commit), payload
+
+
+def form_payload(headers, body):
+    """The `payload` field of a form body (GitHub's default content type for a webhook,
+    and one Gitea's offers), or None."""
     if media_type(headers) == FORM_TYPE:
         with contextlib.suppress(HTTPError):  # a body that is no form has no payload field
             fields = dict(parse_form(body))
             if "payload" in fields:
-                payload = fields["payload"].encode()
-    ref, commit = payload_ref_and_commit(payload, gitlab=event_header == "X-Gitlab-Event")
-    return ForgeEvent(value.strip(), delivery, ref, commit), payload
+                return fields["payload"].encode()
+    return None
 
 
 def event_name(header_value):
@@ -3198,22 +3205,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return same_secret(decoded.partition(b":")[2], token)
         return False
 
-    def _webhook_key(self, body):
-        """The body's sha256 if the webhook secret alone let the request in (a
-        signature, or GitLab's token), else None: a replay is found by it."""
+    def _webhook_key(self, signed):
+        """The sha256 of what the request's signature covers (or of its body, for
+        GitLab's token) if the webhook secret alone let it in, else None: a replay is
+        found by it."""
         token = self.server.token
         if not self.server.secret or (token and self._has_token(token)):
             return None
-        return hashlib.sha256(body).hexdigest()
+        return hashlib.sha256(signed).hexdigest()
 
     def _check_signature(self, body):
-        """401 unless the body's GitHub, Gitea or Gogs HMAC-SHA256 signature is right."""
-        expected = hmac.new(os.fsencode(self.server.secret), body, hashlib.sha256).hexdigest()
+        """The bytes the request's GitHub, Gitea or Gogs HMAC-SHA256 signature covers, or
+        401: the body as sent, or a forge event's form's `payload` field. Gitea, Forgejo
+        and Gogs sign the payload, not the form they send it in; the other fields of
+        such a form are never read (see forge_event)."""
         github = self.headers.get("X-Hub-Signature-256", "")
         gitea = self.headers.get("X-Gitea-Signature") or self.headers.get("X-Gogs-Signature", "")
-        given = github[len("sha256="):] if github.startswith("sha256=") else gitea
-        if not (given and same_secret(header_bytes(given.strip().lower()), expected)):
-            unauthorized("Bad webhook signature.")
+        given = header_bytes((github[len("sha256="):] if github.startswith("sha256=")
+                              else gitea).strip().lower())
+        signed = [body]
+        if any(self.headers.get(event_header) is not None for event_header, _ in FORGE_HEADERS):
+            signed.append(form_payload(self.headers, body))
+        for candidate in signed:
+            if given and candidate is not None and same_secret(given, hmac.new(
+                    os.fsencode(self.server.secret), candidate, hashlib.sha256).hexdigest()):
+                return candidate
+        unauthorized("Bad webhook signature.")
 
     # -- routes --
 
@@ -3237,9 +3254,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Read the body and queue the task it names, answering unless the answer is
         to wait for the task's end: then (task id, seconds, headers) for _show_outcome."""
         body = self._read_body()
-        if self.needs_signature:
-            self._check_signature(body)
-        webhook_key = self._webhook_key(body)
+        signed = self._check_signature(body) if self.needs_signature else body
+        webhook_key = self._webhook_key(signed)
         replayed = webhook_key and self.server.store.webhook_task(webhook_key)
         if replayed:  # whatever the URL says: it is not signed
             log.info("task %s: its webhook body came again; nothing queued", replayed.task.id)

@@ -2273,6 +2273,37 @@ def test_a_github_payload_over_8_kib_is_stdin_in_either_content_type(forge_daemo
     assert forge_daemon.task(task_id)["params"] == {}
 
 
+@pytest.mark.parametrize("forge", ["gitea", "gogs"])
+def test_a_form_delivery_signed_over_its_payload_as_gitea_signs_it_is_accepted(forge_daemon,
+                                                                                forge):
+    d = forge_daemon
+    after = hashlib.sha1(forge.encode()).hexdigest().encode()
+    payload = b'{"ref": "refs/heads/main", "after": "%s"}' % after
+    body = urllib.parse.urlencode({"payload": payload}).encode()
+    headers = forge_headers(forge, payload, "push", "d-form-" + forge)  # the JSON is signed
+    resp = post_delivery(d, body, headers, content_type="application/x-www-form-urlencoded")
+    assert resp.status == 201, resp.text
+    task_id = record_fields(resp.text)["ID"]
+    variables, stdin = forge_variables(d, task_id)
+    assert stdin == payload and variables["REF"] == "refs/heads/main"
+    before = tasks_now(d)
+    # What the signature covers is the delivery: another field, or the JSON sent alone,
+    # is the same delivery again.
+    for again_body, content_type in [(body + b"&payload2=x", "application/x-www-form-urlencoded"),
+                                     (payload, "application/json")]:
+        again = post_delivery(d, again_body, headers, content_type=content_type)
+        assert (again.status, again.headers["Location"]) == (200, "tasks/" + task_id)
+    # The payload field of a form that is no forge event is a parameter: never signed so.
+    unsigned = {k: v for k, v in headers.items() if "Event" not in k}
+    resp = post_delivery(d, body, unsigned, content_type="application/x-www-form-urlencoded")
+    assert (resp.status, resp.text) == (401, "Bad webhook signature.\n")
+    # Nor is any other field.
+    other = urllib.parse.urlencode({"x": payload}).encode()
+    resp = post_delivery(d, other, headers, content_type="application/x-www-form-urlencoded")
+    assert (resp.status, resp.text) == (401, "Bad webhook signature.\n")
+    assert tasks_now(d) == before
+
+
 def test_github_published_test_vector_signs_a_forge_event(tmp_path, daemons):
     add_script(tmp_path, "hook", "run", "cat; echo; echo \"$TASKTRAIN_EVENT\"\n")
     d = daemons("--secret", GITHUB_SECRET)
