@@ -514,10 +514,12 @@ def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path
 
 
 def start_runner(tmp_path):
-    """A store under tmp_path/state and its runner, started, in this process."""
+    """A store under tmp_path/state and its runner, started, in this process, and
+    ready: a submission from here on is handed over to it."""
     store = tasktrain.TaskStore(str(tmp_path / "state"))
     runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
     runner.start()
+    wait_for(lambda: store._claiming)
     return store, runner
 
 
