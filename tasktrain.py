@@ -596,14 +596,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     ref         TEXT,
     commit_sha  TEXT,
     webhook_sha256 TEXT,            -- of what the webhook secret alone let in (_webhook_key)
-    superseded_by TEXT              -- the id of the task that cancelled it (supersede)
+    superseded_by TEXT,             -- the id of the task that cancelled it (supersede)
+    on_finish_owed INTEGER NOT NULL DEFAULT 0  -- 1: left running by a crash, .on-finish not done
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 # Columns added since the first release, which a database made before them gains on open.
 ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
-                 ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"))
+                 ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"),
+                 ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"))
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
     WHERE webhook_sha256 IS NOT NULL;
@@ -661,7 +663,6 @@ class TaskStore:
         self.on_ended = lambda: None
         with self._lock:
             crashed, requeued, synced = self._recover()
-            self.failed_at_start = crashed  # a dead daemon left them running
             last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
@@ -721,9 +722,10 @@ class TaskStore:
         with self._transaction():
             self._db.executemany("UPDATE tasks SET status = 'pending', started_us = NULL "
                                  "WHERE id = ?", [(task_id,) for task_id in requeued])
-            # The body stays for the task's .on-finish (see Runner._finish_crashed).
-            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ? "
-                             "WHERE status = 'running'", (now_us(),))
+            # Its .on-finish is owed, and the body stays for it, until the runner has
+            # seen to it (Runner._finish_crashed): a daemon that dies first owes it too.
+            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, "
+                             "on_finish_owed = 1 WHERE status = 'running'", (now_us(),))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
         failed = [task_id for task_id, _ in crashed if task_id not in requeued]
         return failed, requeued, self._synced_so_far()
@@ -1153,16 +1155,19 @@ class TaskStore:
             if self._held == task_id:
                 self._held = None
 
-    def failed_at_start_tasks(self):
-        """The tasks this start marked failed, with their bodies, for their .on-finish."""
+    def on_finish_owed_tasks(self):
+        """The tasks a dead daemon left running (this start's, or an earlier one's) whose
+        .on-finish has not been seen to, with their bodies, oldest first."""
         with self._lock:
-            rows = [self._row(task_id, COLUMNS + ", body") for task_id in self.failed_at_start]
-        return [dataclasses.replace(task_from_row(row[:-1]), body=row[-1])
-                for row in rows if row]
+            rows = self._db.execute(f"SELECT {COLUMNS}, body FROM tasks "
+                                    "WHERE on_finish_owed = 1 ORDER BY id").fetchall()
+        return [dataclasses.replace(task_from_row(row[:-1]), body=row[-1]) for row in rows]
 
-    def drop_body(self, task_id):
-        """Drop a finished task's body once nothing will read it (committed, not synced)."""
-        self._write_now("UPDATE tasks SET body = x'' WHERE id = ?", (task_id,))
+    def on_finish_done(self, task_id):
+        """Note that a crashed task's .on-finish has been seen to, and drop its body,
+        which nothing reads any more (committed, not synced)."""
+        self._write_now("UPDATE tasks SET body = x'', on_finish_owed = 0 WHERE id = ?",
+                        (task_id,))
 
     def record_process(self, task_id, pgid):
         """Note the process group of a task's script, for a restart after a crash
@@ -1594,7 +1599,7 @@ class Runner:
     def _finish_crashed(self):
         """Run the .on-finish of each task a dead daemon left running, as after any task
         that started (SPEC 8), unless its log shows that it had begun already."""
-        for task in self.store.failed_at_start_tasks():
+        for task in self.store.on_finish_owed_tasks():
             log_path = self.store.log_path(task.id)
             try:
                 if (os.path.isfile(os.path.join(self.scripts_dir, task.name, ON_FINISH))
@@ -1609,7 +1614,7 @@ class Runner:
             except Exception:  # the queue must go on all the same
                 log.exception("task %s: the runner failed at its .on-finish", task.id)
             with contextlib.suppress(sqlite3.Error):
-                self.store.drop_body(task.id)
+                self.store.on_finish_done(task.id)
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""

@@ -1476,6 +1476,25 @@ def test_after_a_crash_the_failed_tasks_on_finish_runs_before_the_next_task(tmp_
     assert d.log(slow).count("on-finish (task failed, exit code none): ") == 1
 
 
+def test_a_crashed_tasks_on_finish_is_owed_until_a_start_has_run_it(tmp_path, daemons):
+    """A second crash, while the restarted daemon still stops what the first left
+    running, must not lose the .on-finish it owes."""
+    add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "stubborn", ".on-finish", 'echo "$TASKTRAIN_STATUS" >> "$GO.fin"\n')
+    add_script(tmp_path, "next", "run", "exit 0\n")
+    queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
+    d = daemons("--grace", "300")
+    wait_for(lambda: "left running by a daemon that died" in d.stderr())
+    d.proc.kill()  # while it waits for the stubborn script: no .on-finish has run yet
+    d.proc.wait()
+    os.killpg(orphan, signal.SIGKILL)
+    wait_for(lambda: gone(orphan))
+    assert not (tmp_path / "go.fin").exists()
+    d = daemons()
+    assert d.wait_status(queued)["status"] == "complete"
+    assert (tmp_path / "go.fin").read_text() == "failed\n"
+
+
 def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", "exit 0\n")
     add_script(tmp_path, "slow", ".on-finish", 'echo $$ >> "$GO.fin"\n'
@@ -2490,7 +2509,7 @@ def test_a_database_of_the_first_release_gains_every_added_column_on_open(tmp_pa
     store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "tasks.sqlite3")) as db:
         columns = {(row[1], row[2]) for row in db.execute("PRAGMA table_info(tasks)")}
-    assert set(tasktrain.ADDED_COLUMNS) <= columns
+    assert {(name, declared.split()[0]) for name, declared in tasktrain.ADDED_COLUMNS} <= columns
 
 
 # ----------------------------------------------------------------------------
