@@ -71,6 +71,7 @@ DEFAULT_PORT = 5800
 DEFAULT_KEEP = 1000
 DEFAULT_GRACE_S = 30.0
 STOP_RECORD_MARGIN_S = 5  # beyond the graces of a stop, for its end to be recorded
+LEAVING_GROUP_S = 0.1     # for what a task left in its groups to leave them, before a stop
 JOIN_MARGIN_S = 10        # beyond the grace of a daemon stop, for the runner to end
 
 NAME_RE = re.compile(r"[a-z0-9_-]{3,24}")
@@ -1574,6 +1575,12 @@ class Runner:
         members = {pgid: live_members(pgid) for pgid in self._left_behind}
         self._left_behind.clear()
         members = {pgid: pids for pgid, pids in members.items() if pids}
+        if not members:
+            return
+        # One on its way out of the group (`setsid cmd &`, then the script exits) is
+        # let go, as one that left earlier is.
+        time.sleep(LEAVING_GROUP_S)
+        members = {pgid: pids for pgid in members if (pids := live_members(pgid))}
         if not members:
             return
         # Those a SIGKILL already ends (a stop's, sent to .on-finish's group) are not

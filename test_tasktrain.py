@@ -18,6 +18,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -3647,6 +3648,26 @@ def test_what_a_tasks_scripts_leave_running_is_stopped_before_the_task_is_record
     assert all(gone(pid) for pid in left)  # by the time the task was recorded
     assert task["output"].endswith(
         "exit code: 0\n\nStopped 2 processes left running by this task's scripts.\n")
+
+
+@pytest.mark.skipif(not shutil.which("setsid"), reason="needs the setsid command")
+def test_a_process_on_its_way_out_of_the_group_as_the_script_exits_is_let_go(tmp_path,
+                                                                           daemons):
+    """README: a process started with setsid escapes the end-of-task stop, also when
+    the script exits before it has called setsid()."""
+    pid = tmp_path / "go.pid"
+    add_script(tmp_path, "detach", "run",
+               f"""(sleep 0.01; exec setsid sh -c 'echo $$ > "{pid}"; exec sleep 300') """
+               ">/dev/null 2>&1 </dev/null &\n")
+    d = daemons("--grace", "0.1")
+    task = d.wait_status(d.submit("detach"))
+    assert task["output"].endswith("exit code: 0\n\n"), task["output"]
+    wait_for(lambda: pid.exists() and pid.read_text())
+    left = int(pid.read_text())
+    try:
+        assert not gone(left)
+    finally:
+        os.kill(left, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/random/boot_id"),
