@@ -514,11 +514,11 @@ def test_an_idle_runner_is_handed_the_task_in_the_commit_that_queues_it(tmp_path
     store.close()
 
 
-def start_runner(tmp_path):
+def start_runner(tmp_path, grace_s=tasktrain.DEFAULT_GRACE_S):
     """A store under tmp_path/state and its runner, started, in this process, and
     ready: a submission from here on is handed over to it."""
     store = tasktrain.TaskStore(str(tmp_path / "state"))
-    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d", grace_s=grace_s)
     runner.start()
     wait_for(lambda: store._claiming)
     return store, runner
@@ -2980,6 +2980,47 @@ def test_a_cancel_while_on_finish_runs_leaves_the_task_as_it_ended(tmp_path, dae
     assert d.request("DELETE", f"/tasks/{task_id}").status == 409
 
 
+def test_a_cancel_whose_on_finish_outlasts_the_stop_wait_is_a_202(tmp_path, monkeypatch,
+                                                                    capfd):
+    """Not a 503 saying the store cannot be written: the cancel did its work."""
+    go = tmp_path / "go"
+    add_script(tmp_path, "deploy", "run", "echo started\n" + UNTIL_GO.replace("$GO", str(go)))
+    add_script(tmp_path, "deploy", ".on-finish", f'echo "reporting $TASKTRAIN_STATUS"\n'
+               f'until [ -e "{go}.reported" ]; do sleep 0.01; done\n')
+    store, runner = start_runner(tmp_path, grace_s=0.2)
+    monkeypatch.setattr(runner, "stop_wait_s", lambda: 0.5)  # 2 x --grace + 5 s: too long here
+    server = tasktrain.TaskTrainServer(("127.0.0.1", 0), store, runner)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for cancel_with in ("curl", "client"):
+            task_id = store.submit("deploy", {"by": cancel_with},
+                                   on_claimed=runner.hand_over).task.id
+            log = tmp_path / "state" / "logs" / f"{task_id}.log"
+            wait_for(lambda: log.exists() and "started" in log.read_text())
+            if cancel_with == "curl":
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+                conn.request("DELETE", f"/tasks/{task_id}")
+                resp = conn.getresponse()
+                assert (resp.status, resp.read().decode()) == (
+                    202, f"Task {task_id} is cancelled: its scripts were stopped, and its "
+                         "end is recorded once its .on-finish has run.\n")
+                conn.close()
+            else:
+                code = tasktrain.main(["cancel", "--url", f"http://127.0.0.1:{port}", task_id])
+                out = capfd.readouterr().out
+                assert code == 0 and "is cancelled: its scripts were stopped" in out
+            assert "reporting cancelled" in log.read_text()
+            (tmp_path / "go.reported").touch()
+            wait_for(lambda: store.status(task_id) == "cancelled")
+            (tmp_path / "go.reported").unlink()
+    finally:
+        server.shutdown()
+        server.server_close()
+        runner.shutdown("stopped by the test")
+        store.close()
+
+
 def test_on_finish_runs_only_after_a_task_that_started(tmp_path, daemons):
     add_script(tmp_path, "edited", "run", "echo started\n" + UNTIL_GO)
     add_script(tmp_path, "edited", ".on-finish", "sleep 30\n")
@@ -3178,6 +3219,17 @@ def test_with_keep_0_a_cancelled_pending_task_is_answered_and_leaves_no_log(tmp_
     assert os.listdir(d.state / "logs") == [f"{blocker}.log"]
     (tmp_path / "go").touch()
     wait_for(lambda: d.get(f"/tasks/{blocker}").status == 404)
+
+
+def test_with_keep_0_a_cancelled_running_task_is_answered_as_it_ended(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", "echo started\n" + UNTIL_GO)
+    d = daemons("--keep", "0", "--grace", "5")
+    task_id = d.submit("block")
+    wait_for(lambda: "started" in d.log(task_id))
+    resp = d.request("DELETE", f"/tasks/{task_id}")
+    assert resp.status == 200, resp.text
+    assert record_fields(resp.text)["STATUS"] == "cancelled"
+    assert d.get(f"/tasks/{task_id}").status == 404
 
 
 def test_with_keep_0_a_wait_still_gets_the_outcome(tmp_path, daemons, capfd):
