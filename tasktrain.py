@@ -3617,6 +3617,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The base class's own messages (timeouts, say) go to the daemon's log."""
         log.info("%s %s", self.address_string(), format % args)
 
+    def log_error(self, format, *args):
+        """As log_message; but a connection that timed out before it began a request
+        (an idle keep-alive, a browser's spare connection) is closed without a word."""
+        if not (format.startswith("Request timed out") and not self.stream.head_cut_short):
+            self.log_message(format, *args)
+
 
 class TaskTrainServer(http.server.ThreadingHTTPServer):
     """The HTTP server; it owns the store and the runner that handlers reach."""

@@ -15,6 +15,7 @@ import hmac
 import html
 import http.client
 import json
+import logging
 import os
 import re
 import resource
@@ -3884,7 +3885,8 @@ def test_a_client_that_stops_reading_its_answer_is_dropped_after_the_timeout(
     (b"\r\n", b"", b""),  # an empty line, as may follow a request, is none either
 ], ids=["head", "body", "request line", "idle", "empty line"])
 def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
-        tmp_path, monkeypatch, start, trickle, answer):
+        tmp_path, monkeypatch, caplog, start, trickle, answer):
+    caplog.set_level(logging.INFO, logger="tasktrain")  # as the daemon logs
     monkeypatch.setattr(tasktrain.Handler, "head_timeout", 0.3)
     monkeypatch.setattr(tasktrain.Handler, "timeout", 0.3)  # each wait for data
     store, runner = start_runner(tmp_path)
@@ -3904,6 +3906,11 @@ def test_a_request_head_and_body_must_arrive_within_their_timeout_in_all(
                     got = b""
             assert got is not None and (got.startswith(answer) if answer else got == b"")
             assert time.monotonic() - started < 2  # at the deadline, not a wait per line
+        # A refusal is logged; a connection that sent no request (a browser's spare one)
+        # is not worth a line.
+        wait_for(lambda: not answer or any(" 408" in r.getMessage() for r in caplog.records))
+        assert answer or not [r.getMessage() for r in caplog.records if "timed out" in
+                              r.getMessage()]
         budget = server.body_budget  # the body's share is given back
         wait_for(lambda: budget.reserve(budget.total) and budget.release(budget.total) is None)
         with socket.create_connection(server.server_address, timeout=DEADLINE_S) as s:
