@@ -712,13 +712,18 @@ class TaskStore:
         crash (the page cache survived it), and the runner writes a script's command
         line before starting it. Process groups are kept for the runner to stop
         (`orphan_groups`) only on the same boot too: after a reboot a recorded group
-        may be someone else's.
+        may be someone else's. They are those of the tasks left running, and of those
+        whose .on-finish is owed: a daemon that died while it stopped their scripts,
+        or ran their .on-finish, left a group behind too.
         """
         crashed = self._db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
+        owed_groups = [pgid for (pgid,) in self._db.execute(
+            "SELECT pgid FROM tasks WHERE on_finish_owed = 1 AND pgid IS NOT NULL")]
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
-        self.orphan_groups = [pgid for _, pgid in crashed if pgid and same_boot]
+        self.orphan_groups = [pgid for pgid in [pgid for _, pgid in crashed] + owed_groups
+                              if pgid and same_boot]
         requeued = [task_id for task_id, pgid in crashed if same_boot and pgid is None
                     and never_started(self.log_path(task_id))]
         with self._transaction():
@@ -728,6 +733,8 @@ class TaskStore:
             # seen to it (Runner._finish_crashed): a daemon that dies first owes it too.
             self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, "
                              "on_finish_owed = 1 WHERE status = 'running'", (now_us(),))
+            if not same_boot:
+                self._db.execute("UPDATE tasks SET pgid = NULL WHERE on_finish_owed = 1")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
         failed = [task_id for task_id, _ in crashed if task_id not in requeued]
         return failed, requeued, self._synced_so_far()
@@ -907,8 +914,9 @@ class TaskStore:
         extra = self._finished - self.keep
         if extra <= 0:
             return []
-        old = [r[0] for r in self._db.execute(
-            f"SELECT id FROM tasks WHERE {IS_FINISHED_SQL} ORDER BY id LIMIT ?", (extra,))]
+        old = [r[0] for r in self._db.execute(  # one whose .on-finish is owed waits for it
+            f"SELECT id FROM tasks WHERE {IS_FINISHED_SQL} AND on_finish_owed = 0 "
+            "ORDER BY id LIMIT ?", (extra,))]
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
         self._finished -= len(old)
         return old
@@ -1164,6 +1172,12 @@ class TaskStore:
             rows = self._db.execute(f"SELECT {COLUMNS}, body FROM tasks "
                                     "WHERE on_finish_owed = 1 ORDER BY id").fetchall()
         return [dataclasses.replace(task_from_row(row[:-1]), body=row[-1]) for row in rows]
+
+    def orphans_stopped(self):
+        """Forget the process groups of the tasks whose .on-finish is owed, once the
+        runner has stopped them: a later start must not signal a group whose number
+        another process may have taken since (committed, not synced)."""
+        self._write_now("UPDATE tasks SET pgid = NULL WHERE on_finish_owed = 1", ())
 
     def on_finish_done(self, task_id):
         """Note that a crashed task's .on-finish has been seen to, and drop its body,
@@ -1614,6 +1628,8 @@ class Runner:
         """Run the .on-finish of each task a dead daemon left running, as after any task
         that started (SPEC 8), unless its log shows that it had begun already."""
         for task in self.store.on_finish_owed_tasks():
+            if self._shutting_down.is_set():  # still owed: the next start runs it
+                return
             log_path = self.store.log_path(task.id)
             try:
                 if (os.path.isfile(os.path.join(self.scripts_dir, task.name, ON_FINISH))
@@ -1636,6 +1652,9 @@ class Runner:
             if signal_group(pgid, signal.SIGTERM):
                 log.warning("stopping process group %d, left running by a daemon that died", pgid)
                 self._await_group(pgid)
+        if self.store.orphan_groups:  # each got a SIGKILL at the end of its wait
+            with contextlib.suppress(sqlite3.Error):
+                self.store.orphans_stopped()
 
     # -- the loop --
 

@@ -1489,12 +1489,50 @@ def test_a_crashed_tasks_on_finish_is_owed_until_a_start_has_run_it(tmp_path, da
     wait_for(lambda: "left running by a daemon that died" in d.stderr())
     d.proc.kill()  # while it waits for the stubborn script: no .on-finish has run yet
     d.proc.wait()
-    os.killpg(orphan, signal.SIGKILL)
-    wait_for(lambda: gone(orphan))
-    assert not (tmp_path / "go.fin").exists()
-    d = daemons()
+    assert not (tmp_path / "go.fin").exists() and not gone(orphan)
+    d = daemons("--grace", "0.2")
     assert d.wait_status(queued)["status"] == "complete"
     assert (tmp_path / "go.fin").read_text() == "failed\n"
+    assert gone(orphan)  # the third start stopped it too, before the .on-finish ran
+
+
+def crashed_store(tmp_path, keep=tasktrain.DEFAULT_KEEP):
+    """A store reopened after its daemon died with a task running; returns (store, task)."""
+    store = tasktrain.TaskStore(str(tmp_path), keep)
+    task = store.submit("crashed", {}).task
+    store.start_claiming().synced()
+    tasktrain.append_log_line(store.log_path(task.id), "run --name=crashed")  # it started
+    store.close()  # no end written: as a kill -9 leaves it
+    return tasktrain.TaskStore(str(tmp_path), keep), task
+
+
+def test_a_task_whose_on_finish_is_owed_is_not_pruned_before_it_has_run(tmp_path):
+    store, crashed = crashed_store(tmp_path, keep=0)
+    try:
+        assert [t.id for t in store.on_finish_owed_tasks()] == [crashed.id]
+        other = store.submit("other", {}).task
+        store.cancel_pending(other.id)  # an end, and with --keep 0 a prune
+        assert [t.id for t in store.on_finish_owed_tasks()] == [crashed.id]
+        store.on_finish_done(crashed.id)
+        store.cancel_pending(store.submit("more", {}).task.id)
+        assert store.get(crashed.id) is None  # pruned once it is no longer owed
+    finally:
+        store.close()
+
+
+def test_a_stop_during_recovery_leaves_the_on_finish_owed(tmp_path):
+    add_script(tmp_path, "crashed", ".on-finish", 'echo ran >> "$0.ran"\n')
+    store, crashed = crashed_store(tmp_path / "state")
+    runner = tasktrain.Runner(store, str(tmp_path / "scripts.d"), "scripts.d")
+    try:
+        runner._shutting_down.set()  # as a SIGTERM during _stop_orphans leaves it
+        runner._finish_crashed()
+        assert [t.id for t in store.on_finish_owed_tasks()] == [crashed.id]
+        assert not (tmp_path / "scripts.d" / "crashed" / ".on-finish.ran").exists()
+        with open(store.log_path(crashed.id)) as log:
+            assert "on-finish" not in log.read()  # nor its line: the next start runs it
+    finally:
+        store.close()
 
 
 def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
