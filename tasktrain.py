@@ -1444,7 +1444,6 @@ class Runner:
         self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
         self._task_finished = threading.Condition()
         self._unrecorded = None  # under _task_finished: the task whose end cannot be written
-        self._on_finish_of = None  # under _task_finished: the task whose .on-finish runs
         # Runner thread only: task id -> the line its log must still get (a full disk).
         self._notes = {}
         # Runner thread only: the id of the task at the head of the queue that waits for
@@ -1499,10 +1498,10 @@ class Runner:
         with self._lock:
             return self._ended[1] if self._ended[0] == task_id else None
 
-    def on_finish_runs(self, task_id):
-        """Whether the task's .on-finish is running: its end is recorded once it is over."""
+    def end_unwritable(self, task_id):
+        """Whether the task has ended but the store cannot write its end (a full disk)."""
         with self._task_finished:
-            return self._on_finish_of == task_id
+            return self._unrecorded == task_id
 
     def stop_wait_s(self):
         """How long a stop may take before the task's end is recorded: a grace for the
@@ -1927,8 +1926,6 @@ class Runner:
             self.store.record_process(task.id, proc.pid)
         with self._lock:
             self._finishing, deadline = proc, self._stop_deadline
-        with self._task_finished:
-            self._on_finish_of = task.id
         if deadline is not None:  # a stop came after the check above
             self._kill_later(proc, deadline - time.monotonic())
         timed_out = threading.Event()
@@ -1938,8 +1935,6 @@ class Runner:
             timer.cancel()
         with self._lock:
             self._finishing = None
-        with self._task_finished:
-            self._on_finish_of = None
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
             self._stop_left_behind(out)
@@ -3499,17 +3494,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if ended in (None, "cancelled"):  # on its way, or a stop did reach a script
                     runner.wait_finished(task_id, runner.stop_wait_s(), or_unrecorded=True)
                     ended = runner.scripts_ended(task_id)  # None: they have not yet
+                unwritable = runner.end_unwritable(task_id)
                 # A task pruned by the commit that ended it (--keep 0) as it ended.
                 task = store.ended(task_id) or not_found()
                 if task.status == "running" and ended not in (None, "cancelled"):
                     abort(409, f"Task {task_id} has already finished ({ended}); its end is "
                                "recorded once its .on-finish has run.")
-                if (task.status == "running" and ended == "cancelled"
-                        and runner.on_finish_runs(task_id)):
-                    self._send_line(202, f"Task {task_id} is cancelled: its scripts were "
-                                         "stopped, and its end is recorded once its "
-                                         ".on-finish has run.", field="message")
-                    return
+                if task.status == "running" and ended == "cancelled" and not unwritable:
+                    # Stopped, but its .on-finish outlasted the wait: the record as it is.
+                    return self._send_task(task, 202)
             if task.status == "cancelled":  # by this request, or one racing with it
                 return self._send_task(task)
         if task.status in FINISHED:  # also one whose last script exited before the stop came
@@ -4061,8 +4054,8 @@ def client_log(client, args):
 
 
 def client_cancel(client, args):
-    """cancel ID: 0 once cancelled (202: its .on-finish still runs); 2 if it had already
-    finished."""
+    """cancel ID: 0 once cancelled (202: stopped, its .on-finish still runs); 2 if it
+    had already finished."""
     status, _, record = client.call("DELETE", f"/tasks/{args.task_id}", waits=True)
     if status not in (200, 202):
         raise Refused(record.strip())
