@@ -1592,15 +1592,14 @@ class Runner:
     def _stop_left_behind(self, out):
         """Stop what the task's scripts left running in their groups, as a cancel
         would, and say how many processes that was: nothing of a task outlives it."""
-        members = {pgid: live_members(pgid) for pgid in self._left_behind}
-        self._left_behind.clear()
-        members = {pgid: pids for pgid, pids in members.items() if pids}
-        if not members:
+        groups, self._left_behind = self._left_behind, set()
+        if not any(map(live_members, groups)):
             return
         # One on its way out of the group (`setsid cmd &`, then the script exits) is
         # let go, as one that left earlier is.
         time.sleep(LEAVING_GROUP_S)
-        members = {pgid: pids for pgid in members if (pids := live_members(pgid))}
+        members = {pgid: live_members(pgid) for pgid in groups}
+        members = {pgid: pids for pgid, pids in members.items() if pids}
         if not members:
             return
         # Those a SIGKILL already ends (a stop's, sent to .on-finish's group) are not
@@ -3647,9 +3646,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def log_error(self, format, *args):
-        """As log_message; but a connection that timed out before it began a request
-        (an idle keep-alive, a browser's spare connection) is closed without a word."""
-        if not (format.startswith("Request timed out") and not self.stream.head_cut_short):
+        """As log_message, but for the base class's timeout of a connection that had
+        not begun a request (an idle keep-alive, a browser's spare connection): that
+        one is closed without a word."""
+        idle = format.startswith("Request timed out") and not self.stream.head_cut_short
+        if not idle:
             self.log_message(format, *args)
 
 
