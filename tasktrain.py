@@ -194,6 +194,8 @@ SUPERSEDED = "Superseded by %s."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
 RESTARTED = ("Task Train stopped while this task was running; "
              "it was marked failed and not run again.")
+RESTARTED_AFTER_SCRIPTS = ("Task Train stopped after this task's scripts had ended, before "
+                           "its end was recorded; it keeps the status they earned: {}.")
 OUTPUT_LOST = ("Task Train could not write all of this task's output to its log ({}); "
                "some of it is missing above.")
 NOT_STARTED = ("Task Train could not write this task's log ({}), so it did not start "
@@ -599,7 +601,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     commit_sha  TEXT,
     webhook_sha256 TEXT,            -- of what the webhook secret alone let in (_webhook_key)
     superseded_by TEXT,             -- the id of the task that cancelled it (supersede)
-    on_finish_owed INTEGER NOT NULL DEFAULT 0  -- 1: left running by a crash, .on-finish not done
+    on_finish_owed INTEGER NOT NULL DEFAULT 0, -- 1: left running by a crash, .on-finish not done
+    scripts_ended TEXT              -- how its scripts ended, while what follows them runs
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -607,7 +610,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 # Columns added since the first release, which a database made before them gains on open.
 ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
                  ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"),
-                 ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"))
+                 ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"), ("scripts_ended", "TEXT"))
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
     WHERE webhook_sha256 IS NOT NULL;
@@ -669,8 +672,8 @@ class TaskStore:
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
         synced()
-        for task_id in crashed:
-            append_log_line(self.log_path(task_id), RESTARTED)
+        for task_id, line in crashed:
+            append_log_line(self.log_path(task_id), line)
         for task_id in requeued:
             append_log_line(self.log_path(task_id), REQUEUED)
 
@@ -705,8 +708,9 @@ class TaskStore:
 
     def _recover(self):
         """Put back at the head of the queue the tasks a dead daemon had claimed but
-        provably never started, and mark failed the others it left running; returns
-        the ids failed, the ids put back, and the commit's synced(). Expects _lock held.
+        provably never started, and end the others it left running (failed, unless
+        their scripts had ended); returns (id, line for its log) of those ended, the
+        ids put back, and the commit's synced(). Expects _lock held.
 
         Proof needs the same boot: the log then holds every line written before the
         crash (the page cache survived it), and the runner writes a script's command
@@ -716,28 +720,34 @@ class TaskStore:
         whose .on-finish is owed: a daemon that died while it stopped their scripts,
         or ran their .on-finish, left a group behind too.
         """
-        crashed = self._db.execute("SELECT id, pgid FROM tasks WHERE status = 'running'").fetchall()
+        crashed = self._db.execute(
+            "SELECT id, pgid, scripts_ended FROM tasks WHERE status = 'running'").fetchall()
         owed_groups = [pgid for (pgid,) in self._db.execute(
             "SELECT pgid FROM tasks WHERE on_finish_owed = 1 AND pgid IS NOT NULL")]
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
-        self.orphan_groups = [pgid for pgid in [pgid for _, pgid in crashed] + owed_groups
+        self.orphan_groups = [pgid for pgid in [pgid for _, pgid, _ in crashed] + owed_groups
                               if pgid and same_boot]
-        requeued = [task_id for task_id, pgid in crashed if same_boot and pgid is None
+        requeued = [task_id for task_id, pgid, _ in crashed if same_boot and pgid is None
                     and never_started(self.log_path(task_id))]
         with self._transaction():
             self._db.executemany("UPDATE tasks SET status = 'pending', started_us = NULL "
                                  "WHERE id = ?", [(task_id,) for task_id in requeued])
             # Its .on-finish is owed, and the body stays for it, until the runner has
             # seen to it (Runner._finish_crashed): a daemon that dies first owes it too.
-            self._db.execute("UPDATE tasks SET status = 'failed', finished_us = ?, "
-                             "on_finish_owed = 1 WHERE status = 'running'", (now_us(),))
+            # One whose scripts had ended keeps the status they earned (SPEC 8: what
+            # follows them never changes it).
+            self._db.execute("UPDATE tasks SET status = coalesce(scripts_ended, 'failed'), "
+                             "finished_us = ?, on_finish_owed = 1 WHERE status = 'running'",
+                             (now_us(),))
             if not same_boot:
                 self._db.execute("UPDATE tasks SET pgid = NULL WHERE on_finish_owed = 1")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
-        failed = [task_id for task_id, _ in crashed if task_id not in requeued]
-        return failed, requeued, self._synced_so_far()
+        ended = [(task_id, RESTARTED_AFTER_SCRIPTS.format(scripts_ended) if scripts_ended
+                  else RESTARTED) for task_id, _, scripts_ended in crashed
+                 if task_id not in requeued]
+        return ended, requeued, self._synced_so_far()
 
     def close(self):
         """Close the database and release the state dir."""
@@ -1190,6 +1200,14 @@ class TaskStore:
         (committed, not synced)."""
         self._write_now("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
 
+    def record_scripts_end(self, task_id, outcome):
+        """Save how a running task's scripts ended, before what follows them (stopping
+        what they left, .on-finish): a restart after a crash then ends the task so
+        (committed, not synced)."""
+        self._write_now("UPDATE tasks SET scripts = ?, scripts_ended = ?, exit_code = ? "
+                        "WHERE id = ?", (json.dumps(list(outcome.runs)), outcome.status,
+                                         outcome.exit_code, task_id))
+
     def record_scripts(self, task_id, runs):
         """Save the scripts run so far by a running task (committed, not synced)."""
         self._write_now("UPDATE tasks SET scripts = ? WHERE id = ?", (json.dumps(runs), task_id))
@@ -1630,13 +1648,14 @@ class Runner:
                 return
             log_path = self.store.log_path(task.id)
             try:
-                if (os.path.isfile(os.path.join(self.scripts_dir, task.name, ON_FINISH))
+                if (self._on_finish_path(task)
                         and not log_holds_line(log_path, ON_FINISH_LINE_START)):
                     with TaskLog(open_log_to_append(log_path)) as out, \
                             stdin_for(task.body, self.devnull) as stdin:
                         env = self._prepare(task, NOTHING_FOUND)[1]
-                        self._run_on_finish(task, Outcome("failed", None, task.scripts), env,
-                                            stdin, out, self._timeout(task)[0])
+                        outcome = Outcome(task.status, task.exit_code, task.scripts)
+                        self._run_on_finish(task, outcome, env, stdin, out,
+                                            self._timeout(task)[0])
             except OSError as e:
                 log.error("task %s: cannot run its .on-finish: %s", task.id, e)
             except Exception:  # the queue must go on all the same
@@ -1761,6 +1780,10 @@ class Runner:
                 finally:
                     if outcome.status != NO_ROOM:  # it is not over: it waits for room
                         self._scripts_over(task.id, outcome.status)
+                    if outcome.runs and (self._left_behind or self._on_finish_path(task)):
+                        # A crash in what follows the scripts keeps how they ended.
+                        with contextlib.suppress(sqlite3.Error):
+                            self.store.record_scripts_end(task.id, outcome)
                     self._stop_left_behind(out)
                     if outcome.runs:  # SPEC 8: only after a task that was started
                         self._run_on_finish(task, outcome, env, stdin, out, timeout_s)
@@ -1900,11 +1923,9 @@ class Runner:
         """Run the task's .on-finish, if it has one, once its scripts are done: told
         how the task ended, it cannot change that. Bounded by the task's timeout; at
         a stop, by what is left of --grace, so that a stop takes no longer for it."""
-        path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        path = self._on_finish_path(task)
+        if not path:
             return
-        with contextlib.suppress(sqlite3.Error):  # a crash while it runs leaves them shown
-            self.store.record_scripts(task.id, outcome.runs)
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         shown = os.path.join(task_folder(task, self.shown_scripts_dir), ON_FINISH)
         out.write(f"{ON_FINISH_LINE_START}{outcome.status}, exit code {exit_code or 'none'}): "
@@ -1941,6 +1962,11 @@ class Runner:
         if timed_out.is_set():
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
         out.write("\n")
+
+    def _on_finish_path(self, task):
+        """The task's .on-finish, or None if it has none."""
+        path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
     def _time_out(self, proc, timed_out):
         """Stop an .on-finish that ran past the task's timeout."""

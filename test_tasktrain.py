@@ -1455,8 +1455,12 @@ def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemo
     d = daemons()
     d.wait_status(queued)
     assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
-    task = d.task(running_id)  # failed by the crash, with the script it ran
-    assert task["status"] == "failed" and [r["exit_code"] for r in task["scripts"]] == [0]
+    # Its scripts had ended: the crash in its .on-finish does not change how (SPEC 8).
+    task = d.task(running_id)
+    assert (task["status"], task["exit_code"]) == ("complete", 0)
+    assert [r["exit_code"] for r in task["scripts"]] == [0]
+    assert d.log(running_id).endswith(
+        tasktrain.RESTARTED_AFTER_SCRIPTS.format("complete") + "\n")
 
 
 def test_after_a_crash_the_failed_tasks_on_finish_runs_before_the_next_task(tmp_path,
@@ -1494,6 +1498,27 @@ def test_a_crashed_tasks_on_finish_is_owed_until_a_start_has_run_it(tmp_path, da
     assert d.wait_status(queued)["status"] == "complete"
     assert (tmp_path / "go.fin").read_text() == "failed\n"
     assert gone(orphan)  # the third start stopped it too, before the .on-finish ran
+
+
+@pytest.mark.parametrize("script, status, code", [
+    ("exit 0", "complete", 0), ("exit 3", "failed", 3)])
+def test_a_crash_while_what_a_tasks_scripts_left_is_stopped_keeps_how_they_ended(
+        tmp_path, daemons, script, status, code):
+    """SPEC 8: nothing after the scripts changes the task's status, a crash neither."""
+    add_script(tmp_path, "leaves", "run",
+               f"""sh -c 'trap "" TERM; echo $$ > "$GO.pid"; exec sleep 300' &\n"""
+               f'while [ ! -s "$GO.pid" ]; do sleep 0.01; done\n{script}\n')
+    d = daemons("--grace", "300")
+    task_id = d.submit("leaves")
+    wait_for(lambda: d.task(task_id)["exit_code"] is not None)  # how its scripts ended, saved
+    d.proc.kill()  # while the daemon waits for the child that ignores SIGTERM
+    d.proc.wait()
+    d = daemons("--grace", "0.2")
+    task = d.wait_status(task_id)
+    assert (task["status"], task["exit_code"]) == (status, code)
+    assert [run["exit_code"] for run in task["scripts"]] == [code]
+    assert task["output"].endswith(tasktrain.RESTARTED_AFTER_SCRIPTS.format(status) + "\n")
+    wait_for(lambda: gone(int((tmp_path / "go.pid").read_text())))
 
 
 def crashed_store(tmp_path, keep=tasktrain.DEFAULT_KEEP):
@@ -1551,7 +1576,7 @@ def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
     d.proc.wait()
     d = daemons()
     assert d.wait_status(d.submit("slow"))["status"] == "complete"
-    assert d.task(slow)["status"] == "failed"
+    assert d.task(slow)["status"] == "complete"  # as its scripts ended
     assert len(fin.read_text().split()) == 2  # the crashed task's, and the new one's
 
 
