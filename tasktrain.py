@@ -668,7 +668,9 @@ class TaskStore:
         self.on_ended = lambda: None
         with self._lock:
             crashed, requeued, synced = self._recover()
-            last = self._db.execute("SELECT max(id) FROM tasks").fetchone()[0]
+            last = self._db.execute(  # --keep 0 may have pruned the newest: see _prune
+                "SELECT max(id) FROM (SELECT max(id) AS id FROM tasks UNION ALL "
+                "SELECT value FROM meta WHERE key = 'last_pruned_id')").fetchone()[0]
             self._last_us = parse_id(last) if last else 0
             self._load_mirrors()
         synced()
@@ -928,6 +930,10 @@ class TaskStore:
             f"SELECT id FROM tasks WHERE {IS_FINISHED_SQL} AND on_finish_owed = 0 "
             "ORDER BY id LIMIT ?", (extra,))]
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
+        if self.keep == 0 and old:  # the newest id may go: the next start must pass it
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta SELECT 'last_pruned_id', max(?, coalesce(("
+                "SELECT value FROM meta WHERE key = 'last_pruned_id'), ''))", (old[-1],))
         self._finished -= len(old)
         return old
 

@@ -467,6 +467,23 @@ def test_process_line_quotes_each_argument_and_stays_one_line(daemon):
     assert len(resp.text.split("\n")) == 8
 
 
+def test_ids_increase_across_restarts_though_keep_0_pruned_them_all(tmp_path, monkeypatch):
+    """SPEC 2: increasing within one state dir; the clock may step back meanwhile."""
+    store = tasktrain.TaskStore(str(tmp_path), keep=0)
+    first, newest = store.submit("a", {}).task.id, store.submit("b", {}).task.id
+    store.cancel_pending(newest)
+    store.cancel_pending(first)  # the older id is pruned last: the newest stays known
+    assert store.get(first) is None and store.get(newest) is None
+    store.close()
+    real_now_us = tasktrain.now_us
+    monkeypatch.setattr(tasktrain, "now_us", lambda: real_now_us() - 120_000_000)
+    store = tasktrain.TaskStore(str(tmp_path), keep=0)
+    try:
+        assert store.submit("c", {}).task.id > newest
+    finally:
+        store.close()
+
+
 def test_ids_are_unique_and_increasing_across_restarts(tmp_path, daemons):
     add_script(tmp_path, "example", "run", "exit 0\n")
     d = daemons()
