@@ -724,13 +724,14 @@ class TaskStore:
         """
         crashed = self._db.execute(
             "SELECT id, pgid, scripts_ended FROM tasks WHERE status = 'running'").fetchall()
-        owed_groups = [pgid for (pgid,) in self._db.execute(
-            "SELECT pgid FROM tasks WHERE on_finish_owed = 1 AND pgid IS NOT NULL")]
+        owed_groups = self._db.execute(
+            "SELECT id, pgid FROM tasks WHERE on_finish_owed = 1 AND pgid IS NOT NULL").fetchall()
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
-        self.orphan_groups = [pgid for pgid in [pgid for _, pgid, _ in crashed] + owed_groups
-                              if pgid and same_boot]
+        self.orphan_groups = [(task_id, pgid) for task_id, pgid in
+                              [(task_id, pgid) for task_id, pgid, _ in crashed] + owed_groups
+                              if pgid and same_boot]  # (task id, group)
         requeued = [task_id for task_id, pgid, _ in crashed if same_boot and pgid is None
                     and never_started(self.log_path(task_id))]
         with self._transaction():
@@ -1671,7 +1672,9 @@ class Runner:
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
-        for pgid in self.store.orphan_groups:
+        for task_id, pgid in self.store.orphan_groups:
+            if not group_of_task(pgid, task_id):  # its number went to another process
+                continue
             if signal_group(pgid, signal.SIGTERM):
                 log.warning("stopping process group %d, left running by a daemon that died", pgid)
                 self._await_group(pgid)
@@ -2090,6 +2093,21 @@ def being_killed(pid):
     except (OSError, ValueError):
         return False
     return any(mask & 1 << (signal.SIGKILL - 1) for mask in masks)
+
+
+def group_of_task(pgid, task_id):
+    """Whether a live member of the process group is the task's (on Linux, its
+    environment names the task), so that a number the group had before a crash, and
+    another process took since, is not signalled. Elsewhere, whether the group is there."""
+    if not os.path.isdir("/proc"):
+        return signal_group(pgid, 0)
+    needle = b"\0TASKTRAIN_TASK_ID=" + task_id.encode() + b"\0"
+    for pid in live_members(pgid):
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in b"\0" + f.read():
+                    return True
+    return False
 
 
 def member_runs(pid, pgid):

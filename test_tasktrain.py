@@ -1548,6 +1548,26 @@ def crashed_store(tmp_path, keep=tasktrain.DEFAULT_KEEP):
     return tasktrain.TaskStore(str(tmp_path), keep), task
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="Linux tells a group's task")
+def test_a_restart_leaves_alone_a_group_whose_number_another_process_took(tmp_path, daemons):
+    add_script(tmp_path, "next", "run", "exit 0\n")
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        store, crashed = crashed_store(tmp_path / "state")
+        store.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "state" / "tasks.sqlite3")) as db:
+            # As if its group had ended since, and its number gone to the stranger.
+            db.execute("UPDATE tasks SET pgid = ? WHERE id = ?", (stranger.pid, crashed.id))
+            db.commit()
+        d = daemons()
+        assert d.wait_status(d.submit("next"))["status"] == "complete"
+        assert stranger.poll() is None  # not signalled
+        assert "left running by a daemon that died" not in d.stderr()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_a_task_whose_on_finish_is_owed_is_not_pruned_before_it_has_run(tmp_path):
     store, crashed = crashed_store(tmp_path, keep=0)
     try:
