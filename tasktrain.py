@@ -1972,6 +1972,10 @@ class Runner:
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
         out.write("\n")
 
+    def has_on_finish(self, task):
+        """Whether the task's folder holds an .on-finish."""
+        return self._on_finish_path(task) is not None
+
     def _on_finish_path(self, task):
         """The task's .on-finish, or None if it has none."""
         path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
@@ -3535,9 +3539,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def cancel_task(self, task_id):
         """DELETE /tasks/ID: a pending task never runs; a running one is stopped."""
         store, runner = self.server.store, self.server.runner
-        task = self._task(task_id)
+        task = self._ended_task(task_id)  # one --keep 0 pruned as it ended is a 409 too
         if task.status not in FINISHED:
-            task = store.cancel_pending(task_id) or not_found()
+            task = store.cancel_pending(task_id) or self._ended_task(task_id)
             if task.status == "running":
                 ended = runner.stop(task_id, "cancelled", CANCELLED_RUNNING)
                 if ended in (None, "cancelled"):  # on its way, or a stop did reach a script
@@ -3548,7 +3552,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 task = store.ended(task_id) or not_found()
                 if task.status == "running" and ended not in (None, "cancelled"):
                     abort(409, f"Task {task_id} has already finished ({ended}); its end is "
-                               "recorded once its .on-finish has run.")
+                               "recorded once " + ("its .on-finish has run." if
+                               runner.has_on_finish(task) else "what its scripts left "
+                               "running is stopped."))
                 if task.status == "running" and ended == "cancelled" and not unwritable:
                     # Stopped, but its .on-finish outlasted the wait: the record as it is.
                     return self._send_task(task, 202)

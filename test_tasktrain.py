@@ -3154,6 +3154,21 @@ def test_a_cancel_whose_on_finish_outlasts_the_stop_wait_is_a_202(tmp_path, monk
         store.close()
 
 
+def test_a_cancel_while_what_the_scripts_left_is_stopped_is_a_409_that_says_so(tmp_path,
+                                                                               daemons):
+    add_script(tmp_path, "leaves", "run",
+               """sh -c 'trap "" TERM; echo $$ > "$GO.pid"; exec sleep 300' &\n"""
+               'while [ ! -s "$GO.pid" ]; do sleep 0.01; done\n')
+    d = daemons("--grace", "2")
+    task_id = d.submit("leaves")
+    wait_for(lambda: d.task(task_id)["exit_code"] is not None)  # its child is being stopped
+    resp = d.request("DELETE", f"/tasks/{task_id}")
+    assert (resp.status, resp.text) == (
+        409, f"Task {task_id} has already finished (complete); its end is recorded once "
+             "what its scripts left running is stopped.\n")
+    assert d.wait_status(task_id)["status"] == "complete"
+
+
 def test_on_finish_runs_only_after_a_task_that_started(tmp_path, daemons):
     add_script(tmp_path, "edited", "run", "echo started\n" + UNTIL_GO)
     add_script(tmp_path, "edited", ".on-finish", "sleep 30\n")
@@ -3363,6 +3378,18 @@ def test_with_keep_0_a_cancelled_running_task_is_answered_as_it_ended(tmp_path, 
     assert resp.status == 200, resp.text
     assert record_fields(resp.text)["STATUS"] == "cancelled"
     assert d.get(f"/tasks/{task_id}").status == 404
+
+
+def test_with_keep_0_a_second_cancel_is_a_409_not_a_404(tmp_path, daemons):
+    add_script(tmp_path, "block", "run", "echo started\n" + UNTIL_GO)
+    d = daemons("--keep", "0", "--grace", "5")
+    running, pending = d.submit("block"), d.submit("block", n="2")
+    wait_for(lambda: "started" in d.log(running))
+    for task_id in (pending, running):
+        assert d.request("DELETE", f"/tasks/{task_id}").status == 200
+        again = d.request("DELETE", f"/tasks/{task_id}")  # as a racing cancel may come
+        assert (again.status, again.text) == (
+            409, f"Task {task_id} has already finished (cancelled).\n")
 
 
 def test_with_keep_0_a_wait_still_gets_the_outcome(tmp_path, daemons, capfd):
