@@ -4052,20 +4052,16 @@ def run_client(argv):
 def client_submit(client, args):
     """submit NAME [KEY=VALUE ...] [--follow] [--wait]"""
     body = urllib.parse.urlencode([("name", args.name)] + args.params).encode()
-    headers = {"Content-Type": FORM_TYPE}
-    waits = args.wait and not args.follow
-    if waits:
-        headers["Prefer"] = f"wait={MAX_WAIT_S}"
-    status, answer_headers, record = client.call("POST", "/task", body, headers, waits)
-    waited = answer_headers.get("Preference-Applied") is not None
-    if status not in (200, 201) and not waited:
+    status, _, record = client.call("POST", "/task", body, {"Content-Type": FORM_TYPE})
+    if status not in (200, 201):
         raise Refused(record.strip())
     task_id = record_field(record, "ID")
-    if args.follow:
+    if args.follow or args.wait:  # the id first: should the daemon go, the task is known
         print(f"Task {task_id} queued." if status == 201 else
               f"Task {task_id} was already queued (an identical one).", file=sys.stderr)
+    if args.follow:
         return follow_to_end(client, task_id)
-    if waits and status == 202:
+    if args.wait:
         record = client.outcome(task_id)
     sys.stdout.write(record)
     return outcome_exit(record) if args.wait else EXIT_COMPLETE

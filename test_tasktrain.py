@@ -3565,8 +3565,8 @@ def in_process(d, capfd, command, *args):
 
 CLIENT_RUNS = [  # (args, exit status, in stdout, in stderr, run as a subprocess)
     (["submit", "good", "k=v"], 0, "STATUS:  pending\n", "", True),
-    (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", "", False),
-    (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", "", False),
+    (["submit", "good", "k=v", "--wait"], 0, "STATUS:  complete\n", " queued.\n", False),
+    (["submit", "bad", "--wait"], 1, "STATUS:  failed\n", " queued.\n", False),
     (["submit", "good", "a=b c", "--follow"], 0, "good ran --name=good --a=b c\n", " complete.",
      False),
     (["submit", "--follow", "bad", "x=1"], 1, "bad ran\nexit code: 4\n", " failed.", True),
