@@ -3159,7 +3159,7 @@ def test_a_cancel_while_what_the_scripts_left_is_stopped_is_a_409_that_says_so(t
     add_script(tmp_path, "leaves", "run",
                """sh -c 'trap "" TERM; echo $$ > "$GO.pid"; exec sleep 300' &\n"""
                'while [ ! -s "$GO.pid" ]; do sleep 0.01; done\n')
-    d = daemons("--grace", "2")
+    d = daemons("--grace", "1")
     task_id = d.submit("leaves")
     wait_for(lambda: d.task(task_id)["exit_code"] is not None)  # its child is being stopped
     resp = d.request("DELETE", f"/tasks/{task_id}")
