@@ -192,6 +192,14 @@ MISSING_SCRIPTS = "Missing scripts for this task name."
 CANCELLED_PENDING = "Task cancelled by request: it never ran."
 SUPERSEDED = "Superseded by %s."
 CANCELLED_RUNNING = "Task cancelled by request: its scripts were stopped."
+# A cancel's 409 for a task whose scripts have ended, by what the runner does now.
+ENDED_NOT_RECORDED = {
+    "on-finish": "Task {} has already finished ({}); its end is recorded once its "
+                 ".on-finish has run.",
+    "stopping": "Task {} has already finished ({}); its end is recorded once what its "
+                "scripts left running is stopped.",
+    None: "Task {} has already finished ({}); its end is being recorded.",
+}
 RESTARTED = ("Task Train stopped while this task was running; "
              "it was marked failed and not run again.")
 RESTARTED_AFTER_SCRIPTS = ("Task Train stopped after this task's scripts had ended, before "
@@ -602,7 +610,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     webhook_sha256 TEXT,            -- of what the webhook secret alone let in (_webhook_key)
     superseded_by TEXT,             -- the id of the task that cancelled it (supersede)
     on_finish_owed INTEGER NOT NULL DEFAULT 0, -- 1: left running by a crash, .on-finish not done
-    scripts_ended TEXT              -- how its scripts ended, while what follows them runs
+    ended_status TEXT,              -- how its scripts ended, saved before what follows them
+    ended_exit_code INTEGER,
+    pgid_start INTEGER              -- the start time of pgid's leader (Linux), to know it again
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -610,7 +620,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 # Columns added since the first release, which a database made before them gains on open.
 ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
                  ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"),
-                 ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"), ("scripts_ended", "TEXT"))
+                 ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"), ("ended_status", "TEXT"),
+                 ("ended_exit_code", "INTEGER"), ("pgid_start", "INTEGER"))
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
     WHERE webhook_sha256 IS NOT NULL;
@@ -723,15 +734,13 @@ class TaskStore:
         or ran their .on-finish, left a group behind too.
         """
         crashed = self._db.execute(
-            "SELECT id, pgid, scripts_ended FROM tasks WHERE status = 'running'").fetchall()
-        owed_groups = self._db.execute(
-            "SELECT id, pgid FROM tasks WHERE on_finish_owed = 1 AND pgid IS NOT NULL").fetchall()
+            "SELECT id, pgid, ended_status FROM tasks WHERE status = 'running'").fetchall()
+        groups = self._db.execute("SELECT id, pgid, pgid_start FROM tasks WHERE pgid IS NOT NULL "
+                                  "AND (status = 'running' OR on_finish_owed = 1)").fetchall()
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
-        self.orphan_groups = [(task_id, pgid) for task_id, pgid in
-                              [(task_id, pgid) for task_id, pgid, _ in crashed] + owed_groups
-                              if pgid and same_boot]  # (task id, group)
+        self.orphan_groups = groups if same_boot else []  # (task id, group, its leader's start)
         requeued = [task_id for task_id, pgid, _ in crashed if same_boot and pgid is None
                     and never_started(self.log_path(task_id))]
         with self._transaction():
@@ -741,15 +750,15 @@ class TaskStore:
             # seen to it (Runner._finish_crashed): a daemon that dies first owes it too.
             # One whose scripts had ended keeps the status they earned (SPEC 8: what
             # follows them never changes it).
-            self._db.execute("UPDATE tasks SET status = coalesce(scripts_ended, 'failed'), "
-                             "finished_us = ?, on_finish_owed = 1 WHERE status = 'running'",
-                             (now_us(),))
+            self._db.execute("UPDATE tasks SET status = coalesce(ended_status, 'failed'), "
+                             "exit_code = ended_exit_code, finished_us = ?, on_finish_owed = 1 "
+                             "WHERE status = 'running'", (now_us(),))
             if not same_boot:
-                self._db.execute("UPDATE tasks SET pgid = NULL WHERE on_finish_owed = 1")
+                self._db.execute("UPDATE tasks SET pgid = NULL, pgid_start = NULL "
+                                 "WHERE on_finish_owed = 1")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
-        ended = [(task_id, RESTARTED_AFTER_SCRIPTS.format(scripts_ended) if scripts_ended
-                  else RESTARTED) for task_id, _, scripts_ended in crashed
-                 if task_id not in requeued]
+        ended = [(task_id, RESTARTED_AFTER_SCRIPTS.format(status) if status else RESTARTED)
+                 for task_id, _, status in crashed if task_id not in requeued]
         return ended, requeued, self._synced_so_far()
 
     def close(self):
@@ -931,7 +940,9 @@ class TaskStore:
             f"SELECT id FROM tasks WHERE {IS_FINISHED_SQL} AND on_finish_owed = 0 "
             "ORDER BY id LIMIT ?", (extra,))]
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in old])
-        if self.keep == 0 and old:  # the newest id may go: the next start must pass it
+        # The newest id may go (--keep 0, or an owed task kept instead): unless a newer
+        # one stays pending, the next start must learn it, to pass it.
+        if old and not (self._pending and self._pending[-1] > old[-1]):
             self._db.execute(
                 "INSERT OR REPLACE INTO meta SELECT 'last_pruned_id', max(?, coalesce(("
                 "SELECT value FROM meta WHERE key = 'last_pruned_id'), ''))", (old[-1],))
@@ -1194,7 +1205,8 @@ class TaskStore:
         """Forget the process groups of the tasks whose .on-finish is owed, once the
         runner has stopped them: a later start must not signal a group whose number
         another process may have taken since (committed, not synced)."""
-        self._write_now("UPDATE tasks SET pgid = NULL WHERE on_finish_owed = 1", ())
+        self._write_now("UPDATE tasks SET pgid = NULL, pgid_start = NULL "
+                        "WHERE on_finish_owed = 1", ())
 
     def on_finish_done(self, task_id):
         """Note that a crashed task's .on-finish has been seen to, and drop its body,
@@ -1203,15 +1215,16 @@ class TaskStore:
                         (task_id,))
 
     def record_process(self, task_id, pgid):
-        """Note the process group of a task's script, for a restart after a crash
-        (committed, not synced)."""
-        self._write_now("UPDATE tasks SET pgid = ? WHERE id = ?", (pgid, task_id))
+        """Note the process group of a task's script, and when its leader started, for
+        a restart after a crash (committed, not synced)."""
+        self._write_now("UPDATE tasks SET pgid = ?, pgid_start = ? WHERE id = ?",
+                        (pgid, process_start(pgid), task_id))
 
     def record_scripts_end(self, task_id, outcome):
         """Save how a running task's scripts ended, before what follows them (stopping
         what they left, .on-finish): a restart after a crash then ends the task so
         (committed, not synced)."""
-        self._write_now("UPDATE tasks SET scripts = ?, scripts_ended = ?, exit_code = ? "
+        self._write_now("UPDATE tasks SET scripts = ?, ended_status = ?, ended_exit_code = ? "
                         "WHERE id = ?", (json.dumps(list(outcome.runs)), outcome.status,
                                          outcome.exit_code, task_id))
 
@@ -1455,6 +1468,7 @@ class Runner:
         #   command line is in the log) or has started.
         # - _ended: (task id, status) of the last task whose scripts are over.
         # - _finishing: the Popen of the .on-finish running now, or None.
+        # - _stopping_left: True while what a task's scripts left running is stopped.
         # - _shutdown: (status, line) once the daemon is stopping, else None.
         # - _stop_deadline: set with _shutdown, when what still runs is killed.
         self._lock = threading.Lock()
@@ -1464,6 +1478,7 @@ class Runner:
         self._ended = (None, None)
         self._started_or_ended = threading.Condition(self._lock)  # as _started, _ended change
         self._finishing = None
+        self._stopping_left = False
         self._shutdown = None
         self._stop_deadline = None
         self._shutting_down = threading.Event()  # set with _shutdown: cuts a retry's pause short
@@ -1517,6 +1532,15 @@ class Runner:
         if current and current[0] == task_id:
             self._begin_stop(current[1])
         return None
+
+    def after_scripts(self, task_id):
+        """What the runner does for a task whose scripts have ended: "on-finish",
+        "stopping" (what they left running), or None (nothing that takes long)."""
+        with self._lock:
+            if self._ended[0] != task_id:
+                return None
+            return ("on-finish" if self._finishing else
+                    "stopping" if self._stopping_left else None)
 
     def scripts_ended(self, task_id):
         """The status the task's scripts ended with, or None if they have not yet."""
@@ -1627,6 +1651,16 @@ class Runner:
         members = {pgid: pids for pgid, pids in members.items() if pids}
         if not members:
             return
+        with self._lock:
+            self._stopping_left = True
+        try:
+            self._stop_members(members, out)
+        finally:
+            with self._lock:
+                self._stopping_left = False
+
+    def _stop_members(self, members, out):
+        """Stop the processes of each group, {pgid: pids}, and count them in the log."""
         # Those a SIGKILL already ends (a stop's, sent to .on-finish's group) are not
         # counted, though waited for: the leader is reaped before they next run.
         count = sum(not being_killed(pid) for pids in members.values() for pid in pids)
@@ -1672,8 +1706,11 @@ class Runner:
 
     def _stop_orphans(self):
         """Stop the scripts a crashed daemon left running: one task at a time, even then."""
-        for task_id, pgid in self.store.orphan_groups:
-            if not group_of_task(pgid, task_id):  # its number went to another process
+        for task_id, pgid, leader_start in self.store.orphan_groups:
+            if not group_is_tasks(pgid, task_id, leader_start):
+                if live_members(pgid):
+                    log.warning("process group %d, recorded for task %s, is left alone: "
+                                "nothing shows it is still the task's", pgid, task_id)
                 continue
             if signal_group(pgid, signal.SIGTERM):
                 log.warning("stopping process group %d, left running by a daemon that died", pgid)
@@ -1972,10 +2009,6 @@ class Runner:
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
         out.write("\n")
 
-    def has_on_finish(self, task):
-        """Whether the task's folder holds an .on-finish."""
-        return self._on_finish_path(task) is not None
-
     def _on_finish_path(self, task):
         """The task's .on-finish, or None if it has none."""
         path = os.path.join(self.scripts_dir, task.name, ON_FINISH)
@@ -2099,12 +2132,23 @@ def being_killed(pid):
     return any(mask & 1 << (signal.SIGKILL - 1) for mask in masks)
 
 
-def group_of_task(pgid, task_id):
-    """Whether a live member of the process group is the task's (on Linux, its
-    environment names the task), so that a number the group had before a crash, and
-    another process took since, is not signalled. Elsewhere, whether the group is there."""
-    if not os.path.isdir("/proc"):
-        return signal_group(pgid, 0)
+def process_start(pid):
+    """When a process started, in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def group_is_tasks(pgid, task_id, leader_start):
+    """Whether the process group recorded for a task before a crash is still the task's
+    (Linux: the only system where a restart knows the boot, and so keeps groups): its
+    leader lives on, started when it was recorded; or a live member has the task's id
+    in its environment (a script's shell exited, its children live on). A number that
+    another process has taken since is not the task's."""
+    if leader_start is not None and process_start(pgid) == leader_start:
+        return True
     needle = b"\0TASKTRAIN_TASK_ID=" + task_id.encode() + b"\0"
     for pid in live_members(pgid):
         with contextlib.suppress(OSError):  # gone meanwhile, or another user's
@@ -3551,10 +3595,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # A task pruned by the commit that ended it (--keep 0) as it ended.
                 task = store.ended(task_id) or not_found()
                 if task.status == "running" and ended not in (None, "cancelled"):
-                    abort(409, f"Task {task_id} has already finished ({ended}); its end is "
-                               "recorded once " + ("its .on-finish has run." if
-                               runner.has_on_finish(task) else "what its scripts left "
-                               "running is stopped."))
+                    abort(409, ENDED_NOT_RECORDED[runner.after_scripts(task_id)].format(
+                        task_id, ended))
                 if task.status == "running" and ended == "cancelled" and not unwritable:
                     # Stopped, but its .on-finish outlasted the wait: the record as it is.
                     return self._send_task(task, 202)

@@ -1521,21 +1521,31 @@ def test_a_crashed_tasks_on_finish_is_owed_until_a_start_has_run_it(tmp_path, da
     ("exit 0", "complete", 0), ("exit 3", "failed", 3)])
 def test_a_crash_while_what_a_tasks_scripts_left_is_stopped_keeps_how_they_ended(
         tmp_path, daemons, script, status, code):
-    """SPEC 8: nothing after the scripts changes the task's status, a crash neither."""
+    """SPEC 8: nothing after the scripts changes the task's status, a crash neither;
+    the .on-finish the restart runs is told that status."""
     add_script(tmp_path, "leaves", "run",
                f"""sh -c 'trap "" TERM; echo $$ > "$GO.pid"; exec sleep 300' &\n"""
                f'while [ ! -s "$GO.pid" ]; do sleep 0.01; done\n{script}\n')
+    add_script(tmp_path, "leaves", ".on-finish",
+               'echo "$TASKTRAIN_STATUS:$TASKTRAIN_EXIT_CODE" >> "$GO.fin"\n')
     d = daemons("--grace", "300")
     task_id = d.submit("leaves")
-    wait_for(lambda: d.task(task_id)["exit_code"] is not None)  # how its scripts ended, saved
-    d.proc.kill()  # while the daemon waits for the child that ignores SIGTERM
-    d.proc.wait()
-    d = daemons("--grace", "0.2")
-    task = d.wait_status(task_id)
-    assert (task["status"], task["exit_code"]) == (status, code)
-    assert [run["exit_code"] for run in task["scripts"]] == [code]
-    assert task["output"].endswith(tasktrain.RESTARTED_AFTER_SCRIPTS.format(status) + "\n")
-    wait_for(lambda: gone(int((tmp_path / "go.pid").read_text())))
+    try:
+        wait_for(lambda: d.task(task_id)["scripts"])  # how its scripts ended, saved
+        assert d.task(task_id)["exit_code"] is None  # null until the end is recorded
+        d.proc.kill()  # while the daemon waits for the child that ignores SIGTERM
+        d.proc.wait()
+        d = daemons("--grace", "0.2")
+        task = d.wait_status(task_id)
+        assert (task["status"], task["exit_code"]) == (status, code)
+        assert [run["exit_code"] for run in task["scripts"]] == [code]
+        assert tasktrain.RESTARTED_AFTER_SCRIPTS.format(status) in task["output"]
+        wait_for(lambda: (tmp_path / "go.fin").exists())
+        assert (tmp_path / "go.fin").read_text() == f"{status}:{code}\n"
+        wait_for(lambda: gone(int((tmp_path / "go.pid").read_text())))
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((tmp_path / "go.pid").read_text()), signal.SIGKILL)
 
 
 def crashed_store(tmp_path, keep=tasktrain.DEFAULT_KEEP):
@@ -1566,6 +1576,16 @@ def test_a_restart_leaves_alone_a_group_whose_number_another_process_took(tmp_pa
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_restart_knows_a_group_by_its_leader_when_its_environment_is_gone(tmp_path,
+                                                                            daemons):
+    add_script(tmp_path, "bare", "run", 'echo $$ > "$GO.pid"\nexec env -i sleep 300\n')
+    add_script(tmp_path, "next", "run", "exit 0\n")
+    queued, orphan = kill_while_running(daemons(), tmp_path, "bare", "next")
+    d = daemons("--grace", "0.2")
+    assert d.wait_status(queued)["status"] == "complete"
+    assert gone(orphan)  # its environment names no task, but its leader is the one recorded
 
 
 def test_a_task_whose_on_finish_is_owed_is_not_pruned_before_it_has_run(tmp_path):
@@ -3159,13 +3179,19 @@ def test_a_cancel_while_what_the_scripts_left_is_stopped_is_a_409_that_says_so(t
     add_script(tmp_path, "leaves", "run",
                """sh -c 'trap "" TERM; echo $$ > "$GO.pid"; exec sleep 300' &\n"""
                'while [ ! -s "$GO.pid" ]; do sleep 0.01; done\n')
-    d = daemons("--grace", "1")
+    d = daemons("--grace", "300")
     task_id = d.submit("leaves")
-    wait_for(lambda: d.task(task_id)["exit_code"] is not None)  # its child is being stopped
-    resp = d.request("DELETE", f"/tasks/{task_id}")
-    assert (resp.status, resp.text) == (
-        409, f"Task {task_id} has already finished (complete); its end is recorded once "
-             "what its scripts left running is stopped.\n")
+    stopping = (f"Task {task_id} has already finished (complete); its end is recorded once "
+                "what its scripts left running is stopped.\n")
+    wait_for(lambda: d.task(task_id)["scripts"])  # its script is over
+    # A cancel changes nothing once the scripts are over: asked until the runner is
+    # stopping the child (before, it says the end is being recorded).
+    answers = []
+    wait_for(lambda: answers.append(d.request("DELETE", f"/tasks/{task_id}")) or
+             answers[-1].text == stopping)
+    assert {(a.status, a.text.split("; ")[0]) for a in answers} == {
+        (409, f"Task {task_id} has already finished (complete)")}
+    os.kill(int((tmp_path / "go.pid").read_text()), signal.SIGKILL)
     assert d.wait_status(task_id)["status"] == "complete"
 
 
@@ -3387,7 +3413,7 @@ def test_with_keep_0_a_second_cancel_is_a_409_not_a_404(tmp_path, daemons):
     wait_for(lambda: "started" in d.log(running))
     for task_id in (pending, running):
         assert d.request("DELETE", f"/tasks/{task_id}").status == 200
-        again = d.request("DELETE", f"/tasks/{task_id}")  # as a racing cancel may come
+        again = d.request("DELETE", f"/tasks/{task_id}")  # as one that lost a race may come
         assert (again.status, again.text) == (
             409, f"Task {task_id} has already finished (cancelled).\n")
 
