@@ -72,6 +72,7 @@ DEFAULT_PORT = 5800
 DEFAULT_KEEP = 1000
 DEFAULT_GRACE_S = 30.0
 STOP_RECORD_MARGIN_S = 5  # beyond the graces of a stop, for its end to be recorded
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")  # the unit of a start time in /proc/PID/stat
 LEAVING_GROUP_S = 0.1     # for what a task left in its groups to leave them, before a stop
 JOIN_MARGIN_S = 10        # beyond the grace of a daemon stop, for the runner to end
 
@@ -612,7 +613,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     on_finish_owed INTEGER NOT NULL DEFAULT 0, -- 1: left running by a crash, .on-finish not done
     ended_status TEXT,              -- how its scripts ended, saved before what follows them
     ended_exit_code INTEGER,
-    pgid_start INTEGER              -- the start time of pgid's leader (Linux), to know it again
+    pgid_start INTEGER              -- when pgid's leader started (Linux), to know it again
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -1215,10 +1216,10 @@ class TaskStore:
                         (task_id,))
 
     def record_process(self, task_id, pgid):
-        """Note the process group of a task's script, and when its leader started, for
-        a restart after a crash (committed, not synced)."""
+        """Note the process group of a task's script just started, and about when its
+        leader started, for a restart after a crash (committed, not synced)."""
         self._write_now("UPDATE tasks SET pgid = ?, pgid_start = ? WHERE id = ?",
-                        (pgid, process_start(pgid), task_id))
+                        (pgid, boot_clock_ticks(), task_id))
 
     def record_scripts_end(self, task_id, outcome):
         """Save how a running task's scripts ended, before what follows them (stopping
@@ -2132,6 +2133,14 @@ def being_killed(pid):
     return any(mask & 1 << (signal.SIGKILL - 1) for mask in masks)
 
 
+def boot_clock_ticks():
+    """Now, in clock ticks since boot (Linux: as /proc/PID/stat counts a start), or
+    None. A clock read, not a file: a script's start must not wait for the latter."""
+    if not hasattr(time, "CLOCK_BOOTTIME"):
+        return None
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS_PER_S)
+
+
 def process_start(pid):
     """When a process started, in clock ticks since boot (Linux), or None."""
     try:
@@ -2144,10 +2153,13 @@ def process_start(pid):
 def group_is_tasks(pgid, task_id, leader_start):
     """Whether the process group recorded for a task before a crash is still the task's
     (Linux: the only system where a restart knows the boot, and so keeps groups): its
-    leader lives on, started when it was recorded; or a live member has the task's id
-    in its environment (a script's shell exited, its children live on). A number that
-    another process has taken since is not the task's."""
-    if leader_start is not None and process_start(pgid) == leader_start:
+    leader lives on, started when it was recorded (within a second); or a live member
+    has the task's id in its environment (a script's shell exited, its children live
+    on). A number that another process has taken since is not the task's."""
+    started = process_start(pgid)
+    # Recorded just after its fork, a tick or so late; a number taken since belongs to
+    # a process that started long after (the pids had to go round first).
+    if None not in (started, leader_start) and abs(started - leader_start) <= CLOCK_TICKS_PER_S:
         return True
     needle = b"\0TASKTRAIN_TASK_ID=" + task_id.encode() + b"\0"
     for pid in live_members(pgid):
