@@ -1782,13 +1782,17 @@ class Runner:
         else is claimed, so the queue goes on in order once there is room. A task
         given up on stays running in the table, and the next start marks it failed.
         """
+        tries = 0
         while True:
             try:
                 return self.store.finish(task_id, outcome.status, outcome.exit_code,
                                          outcome.runs,
                                          claim_next=not self._shutting_down.is_set())
             except sqlite3.OperationalError as e:  # a full or locked disk: worth another try
-                log.error("task %s: cannot record that it ended: %s", task_id, e)
+                tries += 1
+                if tries == 1:  # not once a second while the disk stays full
+                    log.error("task %s: cannot record that it ended: %s; trying again "
+                              "every %g s", task_id, e, STORE_RETRY_S)
                 with self._task_finished:  # a cancel waiting for the end learns it
                     self._unrecorded = task_id
                     self._task_finished.notify_all()
@@ -2001,13 +2005,15 @@ class Runner:
         if timer:
             timer.cancel()
         with self._lock:
-            self._finishing = None
+            self._finishing, deadline = None, self._stop_deadline
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
             self._stop_left_behind(out)
         out.write(f"exit code: {exit_status(returncode)}\n")
         if timed_out.is_set():
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
+        elif returncode == -signal.SIGKILL and deadline is not None:
+            out.write("on-finish killed: Task Train is stopping, and --grace ran out.\n")
         out.write("\n")
 
     def _on_finish_path(self, task):

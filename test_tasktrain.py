@@ -3234,7 +3234,8 @@ def test_a_stop_still_runs_on_finish_within_the_grace(tmp_path, daemons, during,
     assert time.monotonic() - started < 6  # the grace bounds the scripts and .on-finish both
     output = (d.state / "logs" / f"{task_id}.log").read_text()
     assert f"on-finish ({ended}): " in output, output
-    assert f"reporting {ended.split()[1].rstrip(',')}\nexit code: 137\n" in output, output
+    assert (f"reporting {ended.split()[1].rstrip(',')}\nexit code: 137\n"
+            "on-finish killed: Task Train is stopping, and --grace ran out.\n") in output, output
 
 
 # ----------------------------------------------------------------------------
