@@ -1690,13 +1690,13 @@ class Runner:
                 return
             log_path = self.store.log_path(task.id)
             try:
-                if (self._on_finish_path(task)
-                        and not log_holds_line(log_path, ON_FINISH_LINE_START)):
+                on_finish = self._on_finish_path(task)
+                if on_finish and not log_holds_line(log_path, ON_FINISH_LINE_START):
                     with TaskLog(open_log_to_append(log_path)) as out, \
                             stdin_for(task.body, self.devnull) as stdin:
                         env = self._prepare(task, NOTHING_FOUND)[1]
                         outcome = Outcome(task.status, task.exit_code, task.scripts)
-                        self._run_on_finish(task, outcome, env, stdin, out,
+                        self._run_on_finish(task, on_finish, outcome, env, stdin, out,
                                             self._timeout(task)[0])
             except OSError as e:
                 log.error("task %s: cannot run its .on-finish: %s", task.id, e)
@@ -1831,13 +1831,16 @@ class Runner:
                 finally:
                     if outcome.status != NO_ROOM:  # it is not over: it waits for room
                         self._scripts_over(task.id, outcome.status)
-                    if outcome.runs and (self._left_behind or self._on_finish_path(task)):
+                    # SPEC 8: .on-finish only after a task that was started.
+                    on_finish = self._on_finish_path(task) if outcome.runs else None
+                    if outcome.runs and (self._left_behind or on_finish):
                         # A crash in what follows the scripts keeps how they ended.
                         with contextlib.suppress(sqlite3.Error):
                             self.store.record_scripts_end(task.id, outcome)
                     self._stop_left_behind(out)
-                    if outcome.runs:  # SPEC 8: only after a task that was started
-                        self._run_on_finish(task, outcome, env, stdin, out, timeout_s)
+                    if on_finish:
+                        self._run_on_finish(task, on_finish, outcome, env, stdin, out,
+                                            timeout_s)
                     if out.note and not out.write(out.note + "\n"):
                         self._notes[task.id] = out.note
         except OSError as e:  # no log, or no room for the body: no script can start
@@ -1970,13 +1973,10 @@ class Runner:
 
     # -- after a task: .on-finish --
 
-    def _run_on_finish(self, task, outcome, env, stdin, out, timeout_s):
-        """Run the task's .on-finish, if it has one, once its scripts are done: told
-        how the task ended, it cannot change that. Bounded by the task's timeout; at
-        a stop, by what is left of --grace, so that a stop takes no longer for it."""
-        path = self._on_finish_path(task)
-        if not path:
-            return
+    def _run_on_finish(self, task, path, outcome, env, stdin, out, timeout_s):
+        """Run the task's .on-finish, at `path`, once its scripts are done: told how
+        the task ended, it cannot change that. Bounded by the task's timeout; at a
+        stop, by what is left of --grace, so that a stop takes no longer for it."""
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         shown = os.path.join(task_folder(task, self.shown_scripts_dir), ON_FINISH)
         out.write(f"{ON_FINISH_LINE_START}{outcome.status}, exit code {exit_code or 'none'}): "
