@@ -2760,6 +2760,16 @@ def host_name(value):
     return value.rstrip(".")
 
 
+def is_ipv6_address(name):
+    """Whether a name in brackets is an IPv6 address (Python before 3.11 lets urlsplit
+    take `[x]` as a host)."""
+    try:
+        ipaddress.IPv6Address(name.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=64)  # ipaddress's parse was ~5% of a submission's CPU
 def is_loopback_name(name):
     """Whether a Host name (or a --host to listen on) can only mean this machine:
@@ -3304,7 +3314,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             abort(400, "More than one Host header.")  # RFC 9112 section 3.2
         host = authority if authority is not None else hosts[0] if hosts else ""
         name = host_name(host) if host else ""
-        if host and not (HOST_RE.fullmatch(host) and name):  # "[::1", ":80", "..": no name
+        if host and not (HOST_RE.fullmatch(host) and name  # "[::1", ":80", "..": no name
+                         and (not host.startswith("[") or is_ipv6_address(name))):
             abort(400, f"Bad host {host!r}: give a name or an address, and perhaps a port.")
         if name and not (is_loopback_name(name) or name in self.server.allowed_hosts):
             abort(403, f"Host {name!r} is not this daemon's name (DNS rebinding?); if it is, "

@@ -3754,7 +3754,7 @@ def test_a_host_that_is_not_loopback_the_host_or_allowed_is_403(tmp_path, daemon
             ("tasks.example.com", 200), ("Tasks.Example.COM:443", 200), ("other.example", 200),
             # no name to check (RFC 9110 7.2: a bad Host value is a 400)
             ("[::1", 400), ("[::1]x", 400), ("..", 400), (":80", 400), ("127.0.0.1:abc", 400),
-            ("local host", 400)]:
+            ("local host", 400), ("[localhost]", 400), ("[x]:5800", 400)]:
         resp = d.get("/tasks?format=json", headers={"Host": host})
         assert resp.status == status, (host, resp.text)
         if status == 403:
