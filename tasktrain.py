@@ -2808,6 +2808,16 @@ def media_type(headers):
     return headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
+def forge_headers(headers):
+    """(event header, delivery header, the event's value) of a forge's delivery, the
+    forge's own headers first; or None for a request that is no forge event."""
+    for event_header, delivery_header in FORGE_HEADERS:
+        value = headers.get(event_header)
+        if value is not None:
+            return event_header, delivery_header, value
+    return None
+
+
 def forge_event(headers, body, payload=None):
     """(ForgeEvent, payload) if the request is a forge's webhook delivery, else None;
     a 400 if its headers or payload cannot be used.
@@ -2816,12 +2826,10 @@ def forge_event(headers, body, payload=None):
     covered), else the `payload` field of a form (GitHub's default content type),
     else the body as sent.
     """
-    for event_header, delivery_header in FORGE_HEADERS:
-        value = headers.get(event_header)
-        if value is not None:
-            break
-    else:
+    found = forge_headers(headers)
+    if found is None:
         return None
+    event_header, delivery_header, value = found
     if not EVENT_RE.fullmatch(event_name(value)):
         abort(400, f"Bad {event_header} header: {value!r}.")
     delivery = headers.get(delivery_header)
@@ -3402,8 +3410,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         given = header_bytes((github[len("sha256="):] if github.startswith("sha256=")
                               else gitea).strip().lower())
         signed = [body]
-        if (media_type(self.headers) == FORM_TYPE and any(
-                self.headers.get(event_header) is not None for event_header, _ in FORGE_HEADERS)):
+        if media_type(self.headers) == FORM_TYPE and forge_headers(self.headers):
             signed.append(lone_payload_field(body))
         for candidate in signed:
             if given and candidate is not None and same_secret(given, hmac.new(
