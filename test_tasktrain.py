@@ -1167,6 +1167,21 @@ def test_environment_working_directory_and_no_secrets(tmp_path, daemons):
     assert task.status == 200
 
 
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
+                    reason="needs Linux and two CPUs: handlers are kept on one of them")
+def test_scripts_may_use_every_cpu_while_handlers_keep_to_one(tmp_path, daemons):
+    add_script(tmp_path, "cpus", "run", "grep Cpus_allowed_list /proc/self/status\n")
+    d = daemons()
+    task = d.wait_status(d.submit("cpus"))
+    with open("/proc/self/status") as f:
+        mine = next(line for line in f if line.startswith("Cpus_allowed_list"))
+    assert mine in task["output"]
+    others = [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{d.proc.pid}/task")
+              if int(tid) != d.proc.pid]
+    assert os.sched_getaffinity(0) in others  # the runner's, which its scripts inherit
+    assert len(os.sched_getaffinity(d.proc.pid)) == 1  # the main thread starts the handlers
+
+
 def test_body_is_fed_to_every_script_on_stdin(tmp_path, daemons):
     add_script(tmp_path, "stdin", "1", "cat\n")
     add_script(tmp_path, "stdin", "2", "cat\n")
