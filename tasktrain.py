@@ -3210,6 +3210,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 number = (int(version[1]), int(version[2]))
                 if number >= (2, 0):
                     abort(505, f"Invalid HTTP version ({version[1]}.{version[2]})")
+                if number < (1, 0):  # the base class would answer without a status line
+                    abort(400, f"HTTP/{version[1]}.{version[2]} is not supported.")
                 self.request_version = words[-1]
                 self.close_connection = number < (1, 1)
             if len(words) == 2:

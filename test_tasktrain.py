@@ -2174,6 +2174,8 @@ MALFORMED = [
     (b"GET / HTTP/1.1\r\nX-A: b\r\n folded\r\n\r\n", 400),  # RFC 9112 section 5.2
     (b"GET / HTTP/1.1\r\nX-A: b\x00c\r\n\r\n", 400),
     (b"GET /\r\n", 400),  # HTTP/0.9 is refused before any header line is awaited
+    (b"POST /task?name=example HTTP/0.9\r\n\r\n", 400),  # no status line, and queued
+    (b"GET / HTTP/0.5\r\n\r\n", 400),
 ]
 
 
