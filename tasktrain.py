@@ -1928,8 +1928,8 @@ class Runner:
                 with self._lock:
                     self._started = task.id
                     self._started_or_ended.notify_all()
-                exit_code, seconds, stop = self._run_script(
-                    task, script.argv, folder, env, stdin, out)
+                exit_code, seconds, stop = self._run_script(task, script, folder, env, stdin,
+                                                            out)
                 out.write(f"exit code: {exit_code}\n\n")
                 runs.append({"path": script.shown, "exit_code": exit_code,
                              "seconds": round(seconds, 3)})
@@ -1946,14 +1946,14 @@ class Runner:
             return Outcome(stop[0], exit_code if runs else None, runs)
         return Outcome("complete" if exit_code == 0 else "failed", exit_code, runs)
 
-    def _run_script(self, task, argv, folder, env, stdin, out):
-        """Run one script in its own process group; returns (exit code, seconds, the
+    def _run_script(self, task, script, folder, env, stdin, out):
+        """Run one Script in its own process group; returns (exit code, seconds, the
         stop that came while it ran, if one did)."""
         started = time.monotonic()
         try:
-            proc = start_script(argv, folder, env, stdin, out)
+            proc = start_script(script.argv, folder, env, stdin, out)
         except OSError as e:
-            out.write(f"cannot run {argv[0]}: {why_not_run(argv[0], e)}\n")
+            out.write(f"cannot run {script.shown}: {why_not_run(script.argv[0], e)}\n")
             exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             return exit_code, time.monotonic() - started, None
         if self._track(task.id, proc):

@@ -3882,12 +3882,23 @@ def test_a_wrong_gitlab_token_is_bad_not_missing(tmp_path, daemons):
 def test_a_missing_interpreter_is_named_in_the_log(tmp_path, daemons):
     add_script(tmp_path, "nointerp", "run", "#!/nonexistent/python9 -u\necho hi\n")
     add_script(tmp_path, "dosline", "run", "#!/bin/sh\r\necho hi\r\n")
+    odd = tmp_path / "scripts.d" / "odd"
+    odd.mkdir()
+    not_utf8 = odd / os.fsdecode(b"b\xffd")
+    not_utf8.write_bytes(b"#!/nonexistent/sh\n")
+    not_utf8.chmod(0o755)
     d = daemons()
     task = d.wait_status(d.submit("nointerp"))
     assert (task["status"], task["exit_code"]) == ("failed", 127)
-    assert "its interpreter '/nonexistent/python9' (from its #! line) was not found" in (
-        task["output"])
+    shown = f"{tmp_path}/scripts.d/nointerp/run"  # as the test's --scripts-dir names it
+    assert task["output"] == (f"{shown} --name=nointerp\ncannot run {shown}: its interpreter "
+                              "'/nonexistent/python9' (from its #! line) was not found\n"
+                              "exit code: 127\n\n")
     assert "a Windows line ending" in d.wait_status(d.submit("dosline"))["output"]
+    task = d.wait_status(d.submit("odd"))
+    assert (task["exit_code"], task["scripts"][0]["exit_code"]) == (127, 127)
+    assert f"cannot run {tmp_path}/scripts.d/odd/b\ufffdd: its interpreter" in task["output"]
+    assert "Traceback" not in d.stderr()
 
 
 def test_what_a_tasks_scripts_leave_running_is_stopped_before_the_task_is_recorded(tmp_path,
