@@ -2154,6 +2154,7 @@ MALFORMED = [
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
     (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + (b"X: " + b"a" * 40000 + b"\r\n") * 2 + b"\r\n", 431),  # in all
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
     (b"POST /task?name=example HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
     # Python 3.11 refuses int() of over 4,300 digits: this was a 500.
@@ -2193,6 +2194,9 @@ def test_malformed_requests_get_a_4xx_and_the_daemon_keeps_serving(idle_daemon, 
 def test_a_request_head_holds_up_to_100_header_fields(idle_daemon):
     fields = b"".join(b"X-A%d: b\r\n" % i for i in range(100))
     answer = raw_exchange(idle_daemon.port, b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    field = b"X: " + b"a" * 65000 + b"\r\n"  # and 64 KiB of them in all
+    answer = raw_exchange(idle_daemon.port, b"GET / HTTP/1.1\r\n" + field + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
