@@ -3695,6 +3695,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("X-Req-Count", str(self.request_no))
         self.send_header("Vary", "Accept")  # every answer, errors too, can be JSON
+        # A log is the scripts' text, HTML and all: no browser may take it for a page.
+        self.send_header("X-Content-Type-Options", "nosniff")
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         if self.close_connection:

@@ -771,11 +771,12 @@ def test_home_says_it_is_running(idle_daemon):
     ("GET", "/"), ("GET", "/tasks"), ("GET", "/nope"), ("POST", "/task?name=x"),
     ("PUT", "/tasks"), ("GET", "/tasks?format=json"),
 ])
-def test_every_response_has_length_charset_and_request_count(idle_daemon, method, path):
+def test_every_response_has_length_charset_nosniff_and_request_count(idle_daemon, method, path):
     first = idle_daemon.request(method, path)
     second = idle_daemon.request(method, path)
     for resp in (first, second):
         assert "charset=utf-8" in resp.headers["Content-Type"]
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert (resp.headers["Content-Length"] == str(len(resp.body))
                 or resp.headers["Transfer-Encoding"] == "chunked")
     assert int(second.headers["X-Req-Count"]) == int(first.headers["X-Req-Count"]) + 1
