@@ -2327,10 +2327,11 @@ PAGE_CSS = """
 body { font-family: sans-serif; font-size: 15px; margin: .8em; }
 h1 { font-size: 1.4em; margin: 0 0 .3em; } h2 { font-size: 1.1em; margin: 1em 0 .3em; }
 table { border-collapse: collapse; } tr + tr { border-top: 1px solid #ddd; }
-th, td { padding: .1em .6em; text-align: left; vertical-align: top; white-space: nowrap; }
-th { font-weight: normal; color: #555; } .status { font-weight: bold; }
+th, td { padding: .1em .6em; text-align: left; vertical-align: top; }
+th { font-weight: normal; color: #555; white-space: nowrap; } .status { font-weight: bold; }
+td { white-space: pre-wrap; overflow-wrap: anywhere; }  /* a long value wraps */
 .tasks > div { display: grid; column-gap: .6em; padding: .1em .4em; white-space: nowrap;
-  grid-template-columns: 9.8em 9em minmax(8em, 1fr) 8.6em 12.6em 12.6em 7.2em 4.4em; }
+  grid-template-columns: 9.8em 9em minmax(8em, 1fr) 8.6em 12.6em 15.6em 7.2em 4.4em; }
 .tasks > div + div { border-top: 1px solid #ddd; } .tasks p { display: contents; }
 .tasks br { display: none; } .tasks span { overflow: hidden; text-overflow: ellipsis; }
 .tasks button { font-size: .8em; line-height: 1.1; padding: 0 .4em; margin: 0; }
