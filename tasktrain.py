@@ -3946,7 +3946,9 @@ def seconds_option(text):
 
 
 def catch_stop_signals():
-    """A socket pair whose first end receives the number of each SIGTERM or SIGINT.
+    """A socket pair whose first end receives the number of each SIGTERM, SIGINT or
+    SIGHUP (the terminal it was started from closed: by default it killed the daemon
+    at once, and left the running task's scripts unwatched).
 
     The kernel may deliver a signal to any thread, and then a main thread blocked on
     a lock never wakes; the wakeup fd is written from whichever thread caught it.
@@ -3954,7 +3956,7 @@ def catch_stop_signals():
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: None)
     return reader, writer  # the writer must stay open as long as the handlers are set
 

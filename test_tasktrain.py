@@ -411,8 +411,18 @@ def test_a_follow_whose_early_wait_ran_out_asks_for_the_outcome_again(tmp_path, 
     assert err.endswith(" complete.\n")
 
 
-def test_sigint_also_stops_cleanly(daemon):
-    assert daemon.signal(signal.SIGINT) == 0
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_also_stop_cleanly(tmp_path, daemons, signum):
+    add_script(tmp_path, "slow", "run", "sleep 300\n")
+    d = daemons()
+    slow = d.submit("slow")
+    d.wait_status(slow, "running")
+    assert d.signal(signum) == 0
+    name = signal.Signals(signum).name
+    assert f"{name}: stopping" in d.stderr()
+    d = daemons()
+    assert d.wait_status(slow)["status"] == "failed"
+    assert f"Task Train was stopped ({name}) while this task ran" in d.log(slow)
 
 
 # ----------------------------------------------------------------------------
