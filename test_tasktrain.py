@@ -2935,6 +2935,11 @@ def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     assert d.get("/tasks?format=json").json() == []
     settings.write_text("[task]\nevents = push\n")  # read at every submission: fixed at once
     d.submit("deploy")
+    settings.unlink()
+    os.mkfifo(settings)  # an open would wait for a writer: held the submission, and the runner
+    resp = d.request("POST", "/task?name=deploy")
+    assert (resp.status, resp.text) == (500, f"{d.scripts}/deploy/.task.ini: it is not a "
+                                             "regular file.\n")
 
 
 def test_settings_are_read_again_as_the_task_starts(tmp_path, daemons):
@@ -2947,6 +2952,9 @@ def test_settings_are_read_again_as_the_task_starts(tmp_path, daemons):
     # Written after the submissions: what counts is what the file says as each starts.
     (tmp_path / "scripts.d" / "strict" / ".task.ini").write_text("[task]\ntimeout = 0.05\n")
     (tmp_path / "scripts.d" / "broken" / ".task.ini").write_text("[task]\ntimeout = soon\n")
+    add_script(tmp_path, "fifo", "run", "echo ran\n")
+    fifo = d.submit("fifo")
+    os.mkfifo(tmp_path / "scripts.d" / "fifo" / ".task.ini")
     assert d.wait_status(patient)["status"] == "complete"  # 0 overrides --timeout 0.1
     task = d.wait_status(strict)
     assert task["status"] == "failed" and "Timed out after 0.05 s." in task["output"]
@@ -2954,6 +2962,9 @@ def test_settings_are_read_again_as_the_task_starts(tmp_path, daemons):
     assert (task["status"], task["exit_code"], task["output"]) == ("failed", 2, (
         f"{d.scripts}/broken/.task.ini: timeout = 'soon' is not a number of seconds "
         "(0 or more). The task was not run.\n"))
+    task = d.wait_status(fifo)
+    assert (task["status"], task["exit_code"], task["output"]) == ("failed", 2, (
+        f"{d.scripts}/fifo/.task.ini: it is not a regular file. The task was not run.\n"))
 
 
 def test_a_new_task_supersedes_the_pending_ones_with_the_same_keys(tmp_path, daemons):
