@@ -221,6 +221,8 @@ CLIENT_COMMANDS = ("submit", "status", "log", "cancel", "list")
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 CONNECT_TIMEOUT_S = 10
 ANSWER_TIMEOUT_S = 60  # for answers that do not wait for a task
+# A cancel's answer waits for the stop: 2 x --grace + 5 s at most, whatever --grace is.
+CANCEL_TIMEOUT_S = 3600
 
 log = logging.getLogger("tasktrain")
 
@@ -3998,14 +4000,19 @@ class Client:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--url must be http://HOST[:PORT][/PREFIX], not {url!r}")
+        if parts.username is not None:  # it would not be sent
+            raise ValueError("--url holds no user or password: the token goes in "
+                             "TASKTRAIN_TOKEN")
+        parts.port  # raises ValueError for a port out of range
         self.url = url
         self.parts = parts
         self.prefix = parts.path.rstrip("/")
         self.token = token
 
-    def send(self, method, path, body=None, headers=None, waits=False):
+    def send(self, method, path, body=None, headers=None, timeout_s=ANSWER_TIMEOUT_S):
         """Send a request; returns its connection, to read the answer from with
-        `answer`. `waits`: the answer may take as long as a task (a wait or a follow)."""
+        `answer`. `timeout_s`: None for an answer that may take as long as a task (a
+        wait or a follow)."""
         https = self.parts.scheme == "https"
         connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
         headers = dict(headers or {})
@@ -4015,7 +4022,7 @@ class Client:
             port = self.parts.port
             conn = connection(self.parts.hostname, port, timeout=CONNECT_TIMEOUT_S)
             conn.connect()
-            conn.sock.settimeout(None if waits else ANSWER_TIMEOUT_S)
+            conn.sock.settimeout(timeout_s)
             conn.request(method, self.prefix + path, body=body, headers=headers)
             return conn
         except (OSError, http.client.HTTPException, ValueError) as e:
@@ -4028,25 +4035,38 @@ class Client:
         except (OSError, http.client.HTTPException) as e:
             raise Unreachable(f"cannot reach Task Train at {self.url}: {e}") from None
 
-    def open(self, method, path, body=None, headers=None, waits=False):
+    def open(self, method, path, body=None, headers=None, timeout_s=ANSWER_TIMEOUT_S):
         """Send a request; returns the http.client response, its body not yet read."""
-        return self.answer(self.send(method, path, body, headers, waits))
+        return self.answer(self.send(method, path, body, headers, timeout_s))
 
-    def call(self, method, path, body=None, headers=None, waits=False):
+    def call(self, method, path, body=None, headers=None, timeout_s=ANSWER_TIMEOUT_S):
         """Send a request; returns (status, headers, body as text)."""
-        return self.read(self.open(method, path, body, headers, waits))
+        return self.read(self.open(method, path, body, headers, timeout_s))
 
     def read(self, resp):
-        """A response's (status, headers, body as text)."""
+        """A response's (status, headers, body as text). A proxy's 502 or 504 means it
+        could not reach the daemon."""
         try:
             data = resp.read()
         except (OSError, http.client.HTTPException) as e:
             raise Unreachable(f"Task Train at {self.url} broke off its answer: {e}") from None
-        return resp.status, resp.headers, data.decode("utf-8", "replace")
+        text = data.decode("utf-8", "replace")
+        if resp.status in (502, 504):
+            raise Unreachable(f"cannot reach Task Train at {self.url}: {resp.status} "
+                              f"{resp.reason}: {text.strip()[:200]}")
+        return resp.status, resp.headers, text
+
+    def record(self, text):
+        """`text` if it is a task record; Unreachable if it is anything else, such as a
+        page something other than Task Train answered at --url."""
+        if record_field(text, "ID") is None or record_status(text) is None:
+            raise Unreachable(f"what answers at {self.url} is not Task Train (no task "
+                              f"record): {text.strip()[:200]!r}")
+        return text
 
     def copy(self, path, out):
         """Stream a path's answer (a log) to a binary file as it comes."""
-        resp = self.open("GET", path, waits=True)
+        resp = self.open("GET", path, timeout_s=None)
         if resp.status != 200:
             raise Refused(resp.read().decode("utf-8", "replace").strip())
         try:
@@ -4061,14 +4081,14 @@ class Client:
     def send_outcome_wait(self, task_id):
         """Send a wait for the task's end; returns the connection (see answered_outcome)."""
         return self.send("GET", f"/tasks/{task_id}", headers={"Prefer": f"wait={MAX_WAIT_S}"},
-                         waits=True)
+                         timeout_s=None)
 
     def outcome(self, task_id):
         """The task's record once it has ended (waiting as long as it takes)."""
         while True:
             status, _, record = self.read(self.answer(self.send_outcome_wait(task_id)))
             if status in OUTCOME_STATUS.values():  # it has ended
-                return record
+                return self.record(record)
             if status != 202:  # 202: not ended within the wait, or the daemon is stopping
                 raise Refused(record.strip())  # 404, 401: not an outcome to exit 0 with
 
@@ -4082,7 +4102,9 @@ class Client:
             status, _, record = self.read(self.answer(conn))
         except Unreachable:
             return None
-        return record if status in OUTCOME_STATUS.values() else None
+        if status not in OUTCOME_STATUS.values() or record_status(record) is None:
+            return None
+        return record
 
 
 def record_field(record, label):
@@ -4158,6 +4180,8 @@ def parse_client_args(argv):
 def run_client(argv):
     """Run one client command; returns its exit status."""
     args = parse_client_args(argv)
+    # Records hold what scripts wrote: on a terminal that is not UTF-8, a `?` each.
+    sys.stdout.reconfigure(errors="replace")
     try:
         return CLIENT_RUNS[args.command](args.client, args)
     except Refused as e:
@@ -4166,8 +4190,11 @@ def run_client(argv):
     except Unreachable as e:
         print(f"tasktrain.py {args.command}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except BrokenPipeError:  # `... | head` stopped reading
-        return EXIT_FAILED
+    except BrokenPipeError:  # `... | head` read what it wanted: done, not failed
+        # What is still buffered for stdout cannot go: Python's flush at exit would
+        # say so on stderr.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_COMPLETE
 
 
 def client_submit(client, args):
@@ -4176,7 +4203,7 @@ def client_submit(client, args):
     status, _, record = client.call("POST", "/task", body, {"Content-Type": FORM_TYPE})
     if status not in (200, 201):
         raise Refused(record.strip())
-    task_id = record_field(record, "ID")
+    task_id = record_field(client.record(record), "ID")
     if args.follow or args.wait:  # the id first: should the daemon go, the task is known
         print(f"Task {task_id} queued." if status == 201 else
               f"Task {task_id} was already queued (an identical one).", file=sys.stderr)
@@ -4215,7 +4242,7 @@ def client_status(client, args):
         status, _, record = client.call("GET", f"/tasks/{args.task_id}")
         if status != 200:
             raise Refused(record.strip())
-    sys.stdout.write(record)
+    sys.stdout.write(client.record(record))
     return EXIT_FAILED if record_status(record) in ("failed", "cancelled") else EXIT_COMPLETE
 
 
@@ -4230,10 +4257,11 @@ def client_log(client, args):
 def client_cancel(client, args):
     """cancel ID: 0 once cancelled (202: stopped, its .on-finish still runs); 2 if it
     had already finished."""
-    status, _, record = client.call("DELETE", f"/tasks/{args.task_id}", waits=True)
+    status, _, record = client.call("DELETE", f"/tasks/{args.task_id}",
+                                    timeout_s=CANCEL_TIMEOUT_S)
     if status not in (200, 202):
         raise Refused(record.strip())
-    sys.stdout.write(record)
+    sys.stdout.write(client.record(record))
     return EXIT_COMPLETE
 
 
@@ -4243,9 +4271,14 @@ def client_list(client, args):
     status, _, answer = client.call("GET", "/tasks?format=json")
     if status != 200:
         raise Refused(answer.strip())
-    for task in json.loads(answer):
-        params = json.dumps(task["params"], ensure_ascii=False, separators=(",", ":"))
-        print(f"{task['id']}  {task['status']:<9}  {task['created']}  {task['name']}  {params}")
+    try:
+        lines = [f"{task['id']}  {task['status']:<9}  {task['created']}  {task['name']}  "
+                 + json.dumps(task["params"], ensure_ascii=False, separators=(",", ":"))
+                 for task in json.loads(answer)]
+    except (ValueError, TypeError, KeyError):
+        raise Unreachable(f"what answers at {client.url} is not Task Train (no task list): "
+                          f"{answer.strip()[:200]!r}") from None
+    print("\n".join(lines), end="\n" if lines else "")
     return EXIT_COMPLETE
 
 

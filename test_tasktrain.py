@@ -14,12 +14,14 @@ import hashlib
 import hmac
 import html
 import http.client
+import http.server
 import json
 import logging
 import os
 import re
 import resource
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -3683,6 +3685,8 @@ def test_the_client_takes_its_url_before_its_command_too(client_daemon, capfd, u
     (["status", "nothex"], "not a task id: 'nothex'"),
     (["submit"], "required: NAME"),
     (["list", "--url", "ftp://example.com"], "--url must be http://"),
+    (["list", "--url", "http://127.0.0.1:99999"], "Port out of range"),
+    (["list", "--url", "http://me:pw@127.0.0.1:1"], "the token goes in TASKTRAIN_TOKEN"),
 ])
 def test_client_refusals_and_usage_errors_exit_2_saying_why(client_daemon, capfd, args, reason):
     code, out, err = in_process(client_daemon, capfd, *args)
@@ -3723,6 +3727,70 @@ def test_client_takes_the_token_from_the_environment(token_daemon, capfd, monkey
     assert code == 2 and "Authentication required." in err
     monkeypatch.setenv("TASKTRAIN_TOKEN", "s3cret")
     assert in_process(d, capfd, "submit", "good")[0] == 0
+
+
+class Impostor(http.server.BaseHTTPRequestHandler):
+    """What may answer at a wrong --url: a web page (200), or a proxy in front that
+    cannot reach the daemon (502)."""
+
+    def answer(self):
+        body = b"<html><body>Welcome!</body></html>\n" if self.server.status == 200 else b"down\n"
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module", params=[200, 502])
+def impostor(request):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    server.status, server.port = request.param, server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("args", [
+    ["submit", "good"], ["submit", "good", "--wait"], ["submit", "good", "--follow"],
+    ["status", "0123456789abc"], ["status", "0123456789abc", "--wait"],
+    ["cancel", "0123456789abc"], ["list"],
+])
+def test_the_client_exits_3_when_what_answers_at_its_url_is_not_task_train(impostor, capfd,
+                                                                         args):
+    code, out, err = in_process(impostor, capfd, *args)
+    assert (code, out) == (3, ""), err  # never 0: a CI step would take it for a deploy
+    assert ("is not Task Train" if impostor.status == 200 else "502 Bad Gateway") in err
+    assert err.count("\n") == 1
+
+
+def test_a_reader_that_stops_early_ends_the_client_with_0_and_no_traceback(tmp_path, daemons):
+    add_script(tmp_path, "big", "run", "seq 100000\n")
+    d = daemons()
+    big = d.submit("big")
+    d.wait_status(big)
+    done = subprocess.run(f"{shlex.join([*PYTHON, TASKTRAIN])} log {big} --url "
+                          f"http://127.0.0.1:{d.port} | head -c 10; "
+                          'echo "status ${PIPESTATUS[0]}" >&2', shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.stdout.startswith(f"{d.scripts}/big/run --name=big\n"[:10])
+    assert done.stderr == "status 0\n"
+
+
+def test_the_client_writes_what_its_terminal_cannot_show_as_question_marks(tmp_path, daemons):
+    add_script(tmp_path, "cafe", "run", "echo café\n")
+    d = daemons()
+    cafe = d.submit("cafe")
+    d.wait_status(cafe)
+    done = client(d, "status", cafe, env={"PYTHONIOENCODING": "ascii"})
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "caf?\n" in done.stdout
 
 
 @pytest.mark.parametrize("args", [
