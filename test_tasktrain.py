@@ -1568,8 +1568,9 @@ def test_a_crash_while_what_a_tasks_scripts_left_is_stopped_keeps_how_they_ended
         assert (task["status"], task["exit_code"]) == (status, code)
         assert [run["exit_code"] for run in task["scripts"]] == [code]
         assert tasktrain.RESTARTED_AFTER_SCRIPTS.format(status) in task["output"]
-        wait_for(lambda: (tmp_path / "go.fin").exists())
-        assert (tmp_path / "go.fin").read_text() == f"{status}:{code}\n"
+        fin = tmp_path / "go.fin"  # created by the shell before its echo writes to it
+        wait_for(lambda: fin.exists() and fin.read_text().endswith("\n"))
+        assert fin.read_text() == f"{status}:{code}\n"
         wait_for(lambda: gone(int((tmp_path / "go.pid").read_text())))
     finally:
         with contextlib.suppress(OSError, ValueError):
