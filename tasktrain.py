@@ -623,7 +623,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     on_finish_owed INTEGER NOT NULL DEFAULT 0, -- 1: left running by a crash, .on-finish not done
     ended_status TEXT,              -- how its scripts ended, saved before what follows them
     ended_exit_code INTEGER,
-    pgid_start INTEGER              -- when pgid's leader started (Linux), to know it again
+    pgid_start INTEGER,             -- when pgid's leader started (Linux), to know it again
+    left_groups TEXT                -- JSON [[pgid, pgid_start], ...]: groups that outlived
+                                    -- their script (a restart after a crash stops them too)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -632,7 +634,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 ADDED_COLUMNS = (("event", "TEXT"), ("delivery", "TEXT"), ("ref", "TEXT"),
                  ("commit_sha", "TEXT"), ("webhook_sha256", "TEXT"), ("superseded_by", "TEXT"),
                  ("on_finish_owed", "INTEGER NOT NULL DEFAULT 0"), ("ended_status", "TEXT"),
-                 ("ended_exit_code", "INTEGER"), ("pgid_start", "INTEGER"))
+                 ("ended_exit_code", "INTEGER"), ("pgid_start", "INTEGER"),
+                 ("left_groups", "TEXT"))
 ADDED_INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_webhook ON tasks (webhook_sha256)
     WHERE webhook_sha256 IS NOT NULL;
@@ -746,8 +749,13 @@ class TaskStore:
         """
         crashed = self._db.execute(
             "SELECT id, pgid, ended_status FROM tasks WHERE status = 'running'").fetchall()
-        groups = self._db.execute("SELECT id, pgid, pgid_start FROM tasks WHERE pgid IS NOT NULL "
-                                  "AND (status = 'running' OR on_finish_owed = 1)").fetchall()
+        groups = []
+        for task_id, pgid, start, left in self._db.execute(
+                "SELECT id, pgid, pgid_start, left_groups FROM tasks "
+                "WHERE status = 'running' OR on_finish_owed = 1"):
+            for group in json.loads(left or "[]") + ([[pgid, start]] if pgid else []):
+                if (task_id, *group) not in groups:
+                    groups.append((task_id, *group))
         boot_id, last_boot = current_boot_id(), self._db.execute(
             "SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
         same_boot = boot_id is not None and last_boot == (boot_id,)
@@ -765,8 +773,8 @@ class TaskStore:
                              "exit_code = ended_exit_code, finished_us = ?, on_finish_owed = 1 "
                              "WHERE status = 'running'", (now_us(),))
             if not same_boot:
-                self._db.execute("UPDATE tasks SET pgid = NULL, pgid_start = NULL "
-                                 "WHERE on_finish_owed = 1")
+                self._db.execute("UPDATE tasks SET pgid = NULL, pgid_start = NULL, "
+                                 "left_groups = NULL WHERE on_finish_owed = 1")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
         ended = [(task_id, RESTARTED_AFTER_SCRIPTS.format(status) if status else RESTARTED)
                  for task_id, _, status in crashed if task_id not in requeued]
@@ -1216,7 +1224,7 @@ class TaskStore:
         """Forget the process groups of the tasks whose .on-finish is owed, once the
         runner has stopped them: a later start must not signal a group whose number
         another process may have taken since (committed, not synced)."""
-        self._write_now("UPDATE tasks SET pgid = NULL, pgid_start = NULL "
+        self._write_now("UPDATE tasks SET pgid = NULL, pgid_start = NULL, left_groups = NULL "
                         "WHERE on_finish_owed = 1", ())
 
     def on_finish_done(self, task_id):
@@ -1230,6 +1238,15 @@ class TaskStore:
         leader started, for a restart after a crash (committed, not synced)."""
         self._write_now("UPDATE tasks SET pgid = ?, pgid_start = ? WHERE id = ?",
                         (pgid, boot_clock_ticks(), task_id))
+
+    def record_left_group(self, task_id, pgid):
+        """Note that the group of the task's script that has just exited lives on: a
+        restart after a crash stops it too (committed, not synced)."""
+        with self._lock:
+            recorded, start, left = self._row(task_id, "pgid, pgid_start, left_groups")
+            start = start if recorded == pgid else None  # record_process failed: no start
+            left = json.dumps(json.loads(left or "[]") + [[pgid, start]])
+        self._write_now("UPDATE tasks SET left_groups = ? WHERE id = ?", (left, task_id))
 
     def record_scripts_end(self, task_id, outcome):
         """Save how a running task's scripts ended, before what follows them (stopping
@@ -1977,6 +1994,8 @@ class Runner:
             self._await_group(proc.pid)
         if signal_group(proc.pid, 0):
             self._left_behind.add(proc.pid)
+            with contextlib.suppress(sqlite3.Error):  # a full disk: stopped at its end all the same
+                self.store.record_left_group(task.id, proc.pid)
         self._reap_left_behind()
         return exit_status(returncode), time.monotonic() - started, stop
 

@@ -1478,6 +1478,32 @@ def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
     assert "left running by a daemon that died" in d.stderr()
 
 
+def test_restart_stops_what_an_earlier_script_of_the_crashed_task_left_running(tmp_path,
+                                                                               daemons):
+    add_script(tmp_path, "slow", "10-leave", 'sleep 300 & echo $! > "$GO.left"\n')
+    add_script(tmp_path, "slow", "20-run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
+    add_script(tmp_path, "next", "run",
+               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.left")/stat 2>/dev/null)\n'
+               'echo "left:${state:-gone}" > "$GO.out"\n')
+    d = daemons()
+    slow, queued = d.submit("slow"), d.submit("next")
+    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    running = int((tmp_path / "go.pid").read_text())
+    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
+                                            uri=True)) as db:
+        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
+                                    (slow,)).fetchone()[0] == running)
+    d.proc.kill()
+    d.proc.wait()
+    left = int((tmp_path / "go.left").read_text())
+    assert not gone(left) and not gone(running)
+    d = daemons()
+    d.wait_status(queued)
+    assert (tmp_path / "go.out").read_text().strip() in ("left:gone", "left:Z")  # before it ran
+    assert gone(running)
+    assert d.stderr().count("left running by a daemon that died") == 2
+
+
 def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemons):
     """SPEC 8: .on-finish runs before the next task starts, after a crash too."""
     add_script(tmp_path, "slow", "run", "exit 0\n")
