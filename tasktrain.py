@@ -144,6 +144,7 @@ WAL_ZEROED_MIN_FREE_BYTES = 4 * WAL_ZEROED_BYTES
 FINISHED = ("complete", "failed", "cancelled")
 SECRET_ENV = ("TASKTRAIN_TOKEN", "TASKTRAIN_SECRET")
 FORGE_ENV = ("TASKTRAIN_EVENT", "TASKTRAIN_DELIVERY", "TASKTRAIN_REF", "TASKTRAIN_COMMIT")
+ON_FINISH_ENV = ("TASKTRAIN_STATUS", "TASKTRAIN_EXIT_CODE")  # .on-finish's alone
 # (event header, delivery header), the forge's own first: Gitea and Forgejo also send
 # Gogs's and GitHub's headers, for receivers written for those.
 FORGE_HEADERS = (
@@ -1483,7 +1484,8 @@ class Runner:
         self.devnull = os.open(os.devnull, os.O_RDONLY)  # stdin of a task without a body
         # Encoded once: Popen would encode every variable again for every script.
         self.env = {os.fsencode(k): os.fsencode(v)
-                    for k, v in os.environ.items() if k not in SECRET_ENV + FORGE_ENV}
+                    for k, v in os.environ.items()
+                    if k not in SECRET_ENV + FORGE_ENV + ON_FINISH_ENV}
         self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
         store.on_ended = self.task_ended
         # Hold _lock to read or change any of the fields below: the runner, handler

@@ -1168,15 +1168,17 @@ def test_params_reach_scripts_as_literal_text(shared_daemon, payload):
 def test_environment_working_directory_and_no_secrets(tmp_path, daemons):
     add_script(tmp_path, "env", "run", 'pwd; echo "$TASKTRAIN_TASK_ID $TASKTRAIN_TASK_NAME"; '
                                        'echo "token=${TASKTRAIN_TOKEN-unset} '
-                                       'secret=${TASKTRAIN_SECRET-unset} keep=$KEEP_ME"\n')
-    d = daemons(env={"TASKTRAIN_TOKEN": "tok", "TASKTRAIN_SECRET": "sec", "KEEP_ME": "yes"})
+                                       'secret=${TASKTRAIN_SECRET-unset} keep=$KEEP_ME '
+                                       'status=${TASKTRAIN_STATUS-unset}"\n')
+    d = daemons(env={"TASKTRAIN_TOKEN": "tok", "TASKTRAIN_SECRET": "sec", "KEEP_ME": "yes",
+                     "TASKTRAIN_STATUS": "complete"})  # only an .on-finish is told one
     task_id = d.submit("env", headers={"Authorization": "Bearer tok"})
     task = d.get(f"/tasks/{task_id}?format=json", headers={"Authorization": "Bearer tok"})
     wait_for(lambda: d.get(f"/tasks/{task_id}/log", headers={"Authorization": "Bearer tok"})
              .text.endswith("exit code: 0\n\n"))
     output = d.get(f"/tasks/{task_id}/log", headers={"Authorization": "Bearer tok"}).text
     assert f"{tmp_path}/scripts.d/env\n{task_id} env\n" in output
-    assert "token=unset secret=unset keep=yes" in output
+    assert "token=unset secret=unset keep=yes status=unset" in output
     assert task.status == 200
 
 
