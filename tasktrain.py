@@ -98,6 +98,9 @@ MAX_WAIT_S = 3600  # the longest `Prefer: wait=N` honoured
 IDLE_TIMEOUT_S = 30
 HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each line
 FOLLOW_POLL_S = 0.02
+# How often a wait for a task's end (Prefer: wait) looks whether its client has gone:
+# each wait holds a thread, for as long as an hour.
+WAIT_CLIENT_CHECK_S = 1
 # A file whose ctime is this old shows any later change in it: file times are stamped
 # once a clock tick (once a second on HFS+, every two on FAT).
 SETTLED_NS = 3_000_000_000
@@ -3621,10 +3624,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _show_outcome(self, task_id, wait_s, headers=None):
         """The record once the task has ended, or `wait_s` has passed, or the daemon
         stops: 200 complete, 424 failed or cancelled, 202 not ended yet."""
-        self.server.runner.wait_finished(task_id, wait_s)
+        deadline = time.monotonic() + wait_s
+        while not self.server.runner.wait_finished(
+                task_id, max(0, min(WAIT_CLIENT_CHECK_S, deadline - time.monotonic()))):
+            if self._client_gone():
+                self.close_connection = True
+                return
+            if time.monotonic() >= deadline:
+                break
         task = self._ended_task(task_id)  # one snapshot: the status and the record agree
         self._send_task(task, OUTCOME_STATUS.get(task.status, 202),
                         {**(headers or {}), "Preference-Applied": f"wait={wait_s}"})
+
+    def _client_gone(self):
+        """Whether the client has closed its end of the connection (a request it sent
+        after this one, pipelined, stays unread)."""
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset
+            return True
 
     def show_log(self, task_id):
         """GET /tasks/ID/log: the raw output, from byte ?from=N on (0); ?follow=1

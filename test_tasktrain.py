@@ -3386,6 +3386,24 @@ def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(wait
     assert waiting(d, "GET", f"/tasks/{task_id}", 30)[0].status == 200
 
 
+def test_a_wait_whose_client_has_gone_gives_its_thread_back(wait_daemon):
+    d = wait_daemon
+    resp, _ = waiting(d, "POST", "/task?name=gated&gate=gone", 0)
+    task_id = record_fields(resp.text)["ID"]
+    waits = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(10)]
+    for conn in waits:
+        conn.sendall(f"GET /tasks/{task_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     "Prefer: wait=3600\r\n\r\n".encode())
+    wait_for(lambda: connection_threads(d) == 10)
+    time.sleep(2 * tasktrain.WAIT_CLIENT_CHECK_S)  # each has looked at its client since
+    assert connection_threads(d) == 10
+    for conn in waits:  # as a CI step that gave up
+        conn.close()
+    wait_for(lambda: connection_threads(d) == 0, timeout=5 * tasktrain.WAIT_CLIENT_CHECK_S)
+    (d.root / "go.gone").touch()
+    assert d.wait_status(task_id)["status"] == "complete"
+
+
 def test_a_waited_answers_status_and_record_come_from_one_reading(tmp_path, monkeypatch):
     # The task ends in the window between the end of the wait and the answer: the
     # window is microseconds wide, so the test widens it, in the store's status().
