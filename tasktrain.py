@@ -1671,9 +1671,10 @@ class Runner:
             if not signal_group(pgid, 0):
                 self._left_behind.discard(pgid)
 
-    def _stop_left_behind(self, out):
-        """Stop what the task's scripts left running in their groups, as a cancel
-        would, and say how many processes that was: nothing of a task outlives it."""
+    def _stop_left_behind(self, out, by="this task's scripts"):
+        """Stop what the task's scripts (or `by`) left running in their groups, as a
+        cancel would, and say how many processes that was: nothing of a task outlives
+        it."""
         groups, self._left_behind = self._left_behind, set()
         if not any(map(live_members, groups)):
             return
@@ -1687,13 +1688,14 @@ class Runner:
         with self._lock:
             self._stopping_left = True
         try:
-            self._stop_members(members, out)
+            self._stop_members(members, out, by)
         finally:
             with self._lock:
                 self._stopping_left = False
 
-    def _stop_members(self, members, out):
-        """Stop the processes of each group, {pgid: pids}, and count them in the log."""
+    def _stop_members(self, members, out, by):
+        """Stop the processes of each group, {pgid: pids}, and count them in the log,
+        saying who left them (`by`)."""
         # Those a SIGKILL already ends (a stop's, sent to .on-finish's group) are not
         # counted, though waited for: the leader is reaped before they next run.
         count = sum(not being_killed(pid) for pids in members.values() for pid in pids)
@@ -1704,7 +1706,7 @@ class Runner:
             self._await_group(pgid, deadline)
         if count:
             out.write(f"Stopped {count} process{'es' if count != 1 else ''} left running "
-                      "by this task's scripts.\n")
+                      f"by {by}.\n")
 
     def _write_notes(self):
         """Write the notes a full disk held back into their tasks' logs, if there is
@@ -2040,14 +2042,14 @@ class Runner:
             timer.cancel()
         with self._lock:
             self._finishing, deadline = None, self._stop_deadline
-        if signal_group(proc.pid, 0):
-            self._left_behind.add(proc.pid)
-            self._stop_left_behind(out)
         out.write(f"exit code: {exit_status(returncode)}\n")
         if timed_out.is_set():
             out.write(f"on-finish timed out after {timeout_s:g} s.\n")
         elif returncode == -signal.SIGKILL and deadline is not None:
             out.write("on-finish killed: Task Train is stopping, and --grace ran out.\n")
+        if signal_group(proc.pid, 0):
+            self._left_behind.add(proc.pid)
+            self._stop_left_behind(out, "its .on-finish")
         out.write("\n")
 
     def _on_finish_path(self, task):

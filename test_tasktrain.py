@@ -3190,6 +3190,16 @@ def test_on_finish_is_bounded_by_the_tasks_timeout(finish_daemon):
         "started\nexit code: 143\non-finish timed out after 0.2 s.\n\n")
 
 
+def test_what_an_on_finish_leaves_running_is_stopped_and_said_after_its_exit_code(tmp_path,
+                                                                                  daemons):
+    add_script(tmp_path, "deploy", "run", "exit 0\n")
+    add_script(tmp_path, "deploy", ".on-finish", "sleep 300 &\necho reported\n")
+    d = daemons("--grace", "0.2")
+    record = d.wait_status(d.submit("deploy"))
+    assert record["output"].endswith("reported\nexit code: 0\nStopped 1 process left running "
+                                     "by its .on-finish.\n\n")
+
+
 def test_a_cancel_while_on_finish_runs_leaves_the_task_as_it_ended(tmp_path, daemons):
     add_script(tmp_path, "deploy", "run", "exit 0\n")
     add_script(tmp_path, "deploy", ".on-finish", "echo reporting\n" + UNTIL_GO + "echo reported\n")
