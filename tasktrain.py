@@ -3340,8 +3340,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         value = self._query_value(key)
         if value is None:
             return default
-        top = most if most is not None else 10 ** 18 - 1  # 18 digits will do
-        number = bounded_decimal(value, top + 1)
+        # Without a `most`, a larger number is as good as 18 digits: past every end.
+        top, ceiling = (most, most + 1) if most is not None else (10 ** 18 - 1,) * 2
+        number = bounded_decimal(value, ceiling)
         if number is None or not least <= number <= top:
             bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
             abort(400, f"Bad {key} parameter: give a whole number, {bounds}.")
@@ -3660,7 +3661,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_chunks(200, TEXT, self._follow(task_id, start), live=True)
         else:
             with self._open_log(task_id) as f:
-                f.seek(start)
+                f.seek(min(start, os.fstat(f.fileno()).st_size))  # no further: see _follow
                 self._send_file(200, TEXT, f)
 
     def _follow(self, task_id, start=0):
@@ -3673,8 +3674,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 status, stopping = store.status(task_id), self.server.shutting_down.is_set()
                 if f is None and os.path.exists(path):
                     f = open(path, "rb")
+                # Not sought to before the log reaches it: past the largest file its
+                # file system holds (16 TiB on ext4), a seek fails.
+                if f and f.tell() < start < os.fstat(f.fileno()).st_size:
                     f.seek(start)
-                if f:
+                if f and f.tell() >= start:
                     yield from read_chunks(f)
                 if status is None or status in FINISHED or stopping:
                     return
