@@ -386,12 +386,12 @@ def read_settings_file(folder, shown):
     SettingsError names `shown`/.task.ini and the problem."""
     label = os.path.join(shown, SETTINGS_FILE)
     try:
+        # utf-8-sig: Windows Notepad starts a UTF-8 file with a byte order mark.
         # O_NONBLOCK: opening a FIFO waits for a writer, and held the runner, and with
         # it cancels and stops, until one came.
-        fd = os.open(os.path.join(folder, SETTINGS_FILE), os.O_RDONLY | os.O_NONBLOCK)
-        # utf-8-sig: Windows Notepad starts a UTF-8 file with a byte order mark.
-        with open(fd, encoding="utf-8-sig") as f:
-            info = os.fstat(fd)
+        with open(os.path.join(folder, SETTINGS_FILE), encoding="utf-8-sig",
+                  opener=lambda path, flags: os.open(path, flags | os.O_NONBLOCK)) as f:
+            info = os.fstat(f.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise SettingsError(f"{label}: it is not a regular file.")
             # Made only for a file that is there: making one costs 54-83 us (timeit), at

@@ -2973,6 +2973,14 @@ def test_a_bad_settings_file_refuses_the_submission_with_500(tmp_path, daemons):
     resp = d.request("POST", "/task?name=deploy")
     assert (resp.status, resp.text) == (500, f"{d.scripts}/deploy/.task.ini: it is not a "
                                              "regular file.\n")
+    settings.unlink()
+    settings.mkdir()
+    fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+    for _ in range(5):
+        resp = d.request("POST", "/task?name=deploy")
+        assert (resp.status, resp.text) == (500, f"{d.scripts}/deploy/.task.ini: cannot read "
+                                                 "it: Is a directory.\n")
+    wait_for(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")) <= fds)  # none left open
 
 
 def test_settings_are_read_again_as_the_task_starts(tmp_path, daemons):
