@@ -902,6 +902,16 @@ class TaskStore:
         """One task's row, or the given columns of it."""
         return self._db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)).fetchone()
 
+    def _write(self, sql, parameters):
+        """Execute one statement and commit it (not synced). Alone it commits itself:
+        BEGIN and COMMIT around it took the runner's time while its script started.
+        In a transaction that submissions wait in, it commits them too."""
+        if not self._db.in_transaction:
+            self._db.execute(sql, parameters)
+            return
+        with self._transaction():
+            self._db.execute(sql, parameters)
+
     def _position(self, task_id):
         """Position in the queue of a pending task (1 runs next), or None."""
         i = bisect.bisect_left(self._pending, task_id)
@@ -1248,9 +1258,11 @@ class TaskStore:
         restart after a crash stops it too (committed, not synced)."""
         with self._lock:
             recorded, start, left = self._row(task_id, "pgid, pgid_start, left_groups")
+            # Its leader has exited: a restart knows the group by its members' environment.
+            # The start only tells it from the group still recorded as `pgid` (the same).
             start = start if recorded == pgid else None  # record_process failed: no start
             left = json.dumps(json.loads(left or "[]") + [[pgid, start]])
-        self._write_now("UPDATE tasks SET left_groups = ? WHERE id = ?", (left, task_id))
+            self._write("UPDATE tasks SET left_groups = ? WHERE id = ?", (left, task_id))
 
     def record_scripts_end(self, task_id, outcome):
         """Save how a running task's scripts ended, before what follows them (stopping
@@ -1265,15 +1277,9 @@ class TaskStore:
         self._write_now("UPDATE tasks SET scripts = ? WHERE id = ?", (json.dumps(runs), task_id))
 
     def _write_now(self, sql, parameters):
-        """Execute one statement and commit it (not synced). Alone it commits itself:
-        BEGIN and COMMIT around it took the runner's time while its script started.
-        In a transaction that submissions wait in, it commits them too."""
+        """Execute one statement and commit it (not synced): see _write."""
         with self._lock:
-            if not self._db.in_transaction:
-                self._db.execute(sql, parameters)
-                return
-            with self._transaction():
-                self._db.execute(sql, parameters)
+            self._write(sql, parameters)
 
     def finish(self, task_id, status, exit_code, runs, claim_next=False):
         """Record how the held task ended and prune, and let the runner go; with
