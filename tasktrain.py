@@ -4009,7 +4009,8 @@ def seconds_option(text):
 def catch_stop_signals():
     """A socket pair whose first end receives the number of each SIGTERM, SIGINT or
     SIGHUP (the terminal it was started from closed: by default it killed the daemon
-    at once, and left the running task's scripts unwatched).
+    at once, and left the running task's scripts unwatched), unless SIGHUP is ignored
+    already (`nohup`), as it then stays, for the scripts too.
 
     The kernel may deliver a signal to any thread, and then a main thread blocked on
     a lock never wakes; the wakeup fd is written from whichever thread caught it.
@@ -4017,7 +4018,8 @@ def catch_stop_signals():
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    hup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    for signum in (signal.SIGTERM, signal.SIGINT) + hup:
         signal.signal(signum, lambda *_: None)
     return reader, writer  # the writer must stay open as long as the handlers are set
 

@@ -413,6 +413,16 @@ def test_a_follow_whose_early_wait_ran_out_asks_for_the_outcome_again(tmp_path, 
     assert err.endswith(" complete.\n")
 
 
+def test_under_nohup_sighup_stays_ignored_by_the_daemon_and_its_scripts(tmp_path, daemons):
+    add_script(tmp_path, "hup", "run", "kill -HUP $$; echo alive\n")
+    nohup = ("import os, signal, sys\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+    d = daemons(wrapper=nohup)
+    d.proc.send_signal(signal.SIGHUP)
+    assert "alive\nexit code: 0" in d.wait_status(d.submit("hup"))["output"]
+    assert "SIGHUP" not in d.stderr() and d.proc.poll() is None
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_sigint_and_sighup_also_stop_cleanly(tmp_path, daemons, signum):
     add_script(tmp_path, "slow", "run", "sleep 300\n")
