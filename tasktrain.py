@@ -4060,7 +4060,8 @@ class Client:
         if parts.username is not None:  # it would not be sent
             raise ValueError("--url holds no user or password: the token goes in "
                              "TASKTRAIN_TOKEN")
-        parts.port  # raises ValueError for a port out of range
+        if parts.port == 0:  # reading it raises ValueError for a port out of range
+            raise ValueError(f"--url names port 0: {url!r}")
         self.url = url
         self.parts = parts
         self.prefix = parts.path.rstrip("/")
@@ -4110,7 +4111,7 @@ class Client:
         text = data.decode("utf-8", "replace")
         if resp.status in (502, 504):
             raise Unreachable(f"cannot reach Task Train at {self.url}: {resp.status} "
-                              f"{resp.reason}: {text.strip()[:200]}")
+                              f"{resp.reason}: {' '.join(text.split())[:200]!r}")
         return resp.status, resp.headers, text
 
     def record(self, text):
@@ -4125,14 +4126,18 @@ class Client:
         """Stream a path's answer (a log) to a binary file as it comes."""
         resp = self.open("GET", path, timeout_s=None)
         if resp.status != 200:
-            raise Refused(resp.read().decode("utf-8", "replace").strip())
+            raise Refused(self.read(resp)[2].strip())  # a proxy's 502 or 504: Unreachable
+        if not resp.headers.get("Content-Type", "").startswith(TEXT.split(";")[0]):
+            raise Unreachable(f"what answers at {self.url} is not Task Train (no log): "
+                              f"{resp.headers.get('Content-Type')}")
         try:
             for chunk in iter(functools.partial(resp.read1, COPY_CHUNK_BYTES), b""):
-                out.write(chunk)
-                out.flush()
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except BrokenPipeError:  # read on to the end all the same, for the outcome
+                    stdout_gone()
         except (OSError, http.client.HTTPException) as e:
-            if isinstance(e, BrokenPipeError):
-                raise
             raise Unreachable(f"Task Train at {self.url} broke off the log: {e}") from None
 
     def send_outcome_wait(self, task_id):
@@ -4143,7 +4148,12 @@ class Client:
     def outcome(self, task_id):
         """The task's record once it has ended (waiting as long as it takes)."""
         while True:
-            status, _, record = self.read(self.answer(self.send_outcome_wait(task_id)))
+            resp = self.answer(self.send_outcome_wait(task_id))
+            if resp.status == 504:  # a proxy in front gave up waiting first: ask again
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    resp.read()
+                continue
+            status, _, record = self.read(resp)
             if status in OUTCOME_STATUS.values():  # it has ended
                 return self.record(record)
             if status != 202:  # 202: not ended within the wait, or the daemon is stopping
@@ -4162,6 +4172,23 @@ class Client:
         if status not in OUTCOME_STATUS.values() or record_status(record) is None:
             return None
         return record
+
+
+def stdout_gone():
+    """Send the rest of stdout to /dev/null: what read it has stopped (`... | head`).
+    The command goes on, so that its exit status still says how the task went."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def write_out(text):
+    """Write `text` to stdout, unless what read it has stopped."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_gone()
 
 
 def record_field(record, label):
@@ -4238,7 +4265,8 @@ def run_client(argv):
     """Run one client command; returns its exit status."""
     args = parse_client_args(argv)
     # Records hold what scripts wrote: on a terminal that is not UTF-8, a `?` each.
-    sys.stdout.reconfigure(errors="replace")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     try:
         return CLIENT_RUNS[args.command](args.client, args)
     except Refused as e:
@@ -4247,11 +4275,6 @@ def run_client(argv):
     except Unreachable as e:
         print(f"tasktrain.py {args.command}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except BrokenPipeError:  # `... | head` read what it wanted: done, not failed
-        # What is still buffered for stdout cannot go: Python's flush at exit would
-        # say so on stderr.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_COMPLETE
 
 
 def client_submit(client, args):
@@ -4268,7 +4291,7 @@ def client_submit(client, args):
         return follow_to_end(client, task_id)
     if args.wait:
         record = client.outcome(task_id)
-    sys.stdout.write(record)
+    write_out(record)
     return outcome_exit(record) if args.wait else EXIT_COMPLETE
 
 
@@ -4299,7 +4322,7 @@ def client_status(client, args):
         status, _, record = client.call("GET", f"/tasks/{args.task_id}")
         if status != 200:
             raise Refused(record.strip())
-    sys.stdout.write(client.record(record))
+    write_out(client.record(record))
     return EXIT_FAILED if record_status(record) in ("failed", "cancelled") else EXIT_COMPLETE
 
 
@@ -4318,7 +4341,7 @@ def client_cancel(client, args):
                                     timeout_s=CANCEL_TIMEOUT_S)
     if status not in (200, 202):
         raise Refused(record.strip())
-    sys.stdout.write(client.record(record))
+    write_out(client.record(record))
     return EXIT_COMPLETE
 
 
@@ -4335,7 +4358,7 @@ def client_list(client, args):
     except (ValueError, TypeError, KeyError):
         raise Unreachable(f"what answers at {client.url} is not Task Train (no task list): "
                           f"{answer.strip()[:200]!r}") from None
-    print("\n".join(lines), end="\n" if lines else "")
+    write_out("".join(line + "\n" for line in lines))
     return EXIT_COMPLETE
 
 

@@ -3839,7 +3839,8 @@ def impostor(request):
 @pytest.mark.parametrize("args", [
     ["submit", "good"], ["submit", "good", "--wait"], ["submit", "good", "--follow"],
     ["status", "0123456789abc"], ["status", "0123456789abc", "--wait"],
-    ["cancel", "0123456789abc"], ["list"],
+    ["cancel", "0123456789abc"], ["list"], ["log", "0123456789abc"],
+    ["log", "0123456789abc", "--follow"],
 ])
 def test_the_client_exits_3_when_what_answers_at_its_url_is_not_task_train(impostor, capfd,
                                                                          args):
@@ -3849,17 +3850,52 @@ def test_the_client_exits_3_when_what_answers_at_its_url_is_not_task_train(impos
     assert err.count("\n") == 1
 
 
-def test_a_reader_that_stops_early_ends_the_client_with_0_and_no_traceback(tmp_path, daemons):
-    add_script(tmp_path, "big", "run", "seq 100000\n")
+def test_a_wait_that_a_proxy_gave_up_on_is_asked_again(wait_daemon, capfd):
+    d = wait_daemon
+    task_id = d.submit("good")
+    asked = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        """A proxy whose read timeout is shorter than a wait: a 504 the first time."""
+
+        def do_GET(self):
+            asked.append(self.path)
+            resp = d.request("GET", self.path, headers=dict(self.headers)) if len(asked) > 1 \
+                else Response(504, {}, b"<html>Gateway Time-out</html>\n")
+            self.send_response(resp.status)
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.end_headers()
+            self.wfile.write(resp.body)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    proxy.port = proxy.server_address[1]  # as in_process reads a daemon's
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        code, out, _ = in_process(proxy, capfd, "status", task_id, "--wait")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert (code, record_fields(out)["STATUS"], len(asked)) == (0, "complete", 2)
+
+
+@pytest.mark.parametrize("command, status", [
+    ("log {id}", 0),
+    ("submit big --follow", 1),  # the reader stopped; the client still says how it went
+])
+def test_a_reader_that_stops_early_changes_no_exit_status(tmp_path, daemons, command, status):
+    add_script(tmp_path, "big", "run", "seq 100000; exit 3\n")
     d = daemons()
     big = d.submit("big")
     d.wait_status(big)
-    done = subprocess.run(f"{shlex.join([*PYTHON, TASKTRAIN])} log {big} --url "
-                          f"http://127.0.0.1:{d.port} | head -c 10; "
+    done = subprocess.run(f"{shlex.join([*PYTHON, TASKTRAIN])} {command.format(id=big)} "
+                          f"--url http://127.0.0.1:{d.port} | head -c 10; "
                           'echo "status ${PIPESTATUS[0]}" >&2', shell=True, executable="/bin/bash",
                           capture_output=True, text=True, timeout=DEADLINE_S)
-    assert done.stdout.startswith(f"{d.scripts}/big/run --name=big\n"[:10])
-    assert done.stderr == "status 0\n"
+    assert done.stdout == f"{d.scripts}/big/run --name=big\n"[:10]
+    assert done.stderr.endswith(f"status {status}\n") and "Traceback" not in done.stderr
 
 
 def test_the_client_writes_what_its_terminal_cannot_show_as_question_marks(tmp_path, daemons):
