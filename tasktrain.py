@@ -3763,6 +3763,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":  # it asked to stay open: say it does
+            self.send_header("Connection", "keep-alive")
 
     def _send(self, status, content_type, body, headers=None):
         """Send a whole body with its Content-Length."""

@@ -2307,6 +2307,18 @@ def test_stalled_clients_do_not_hold_up_anyone(daemon):
             s.close()
 
 
+def test_an_http_1_0_client_that_asks_to_keep_alive_is_told_so(idle_daemon):
+    with socket.create_connection(("127.0.0.1", idle_daemon.port), timeout=DEADLINE_S) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        first = b""
+        while not first.endswith(b"is running!") and (chunk := s.recv(65536)):
+            first += chunk
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # on the same connection: it stayed open
+        second = b"".join(iter(lambda: s.recv(65536), b""))  # then closed, as 1.0 does
+    assert b"\r\nConnection: keep-alive\r\n" in first and first.endswith(b"is running!")
+    assert b"\r\nConnection: close\r\n" in second and second.endswith(b"is running!")
+
+
 def test_nothing_of_a_keep_alive_requests_headers_reaches_the_next(idle_daemon):
     with socket.create_connection(("127.0.0.1", idle_daemon.port), timeout=DEADLINE_S) as s:
         s.sendall(b"GET /nope HTTP/1.1\r\nAccept: application/json\r\n\r\n"
