@@ -1463,32 +1463,40 @@ def test_kill_9_loses_no_task_and_never_reruns_the_running_one(tmp_path, daemons
 
 
 def kill_while_running(d, tmp_path, running, queued):
-    """kill -9 the daemon while task `running` runs (its script writes its pid to
-    $GO.pid) and task `queued` waits; returns the queued task's id and that pid."""
+    """kill -9 the daemon while task `running` runs a script (or its .on-finish) that
+    wrote its pid, its group's number, to $GO.pid, and task `queued` waits; returns
+    the ids of both and that pid."""
     running_id = d.submit(running)
     queued_id = d.submit(queued)
     wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
+    pid = int((tmp_path / "go.pid").read_text())
     with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
                                             uri=True)) as db:
         # The daemon notes the script's process group just after starting it; a daemon
         # killed before that cannot know the group (the README says so).
         wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
-                                    (running_id,)).fetchone()[0])
+                                    (running_id,)).fetchone()[0] == pid)
     d.proc.kill()
     d.proc.wait()
-    return queued_id, int((tmp_path / "go.pid").read_text())
+    return running_id, queued_id, pid
+
+
+def add_state_probe(tmp_path, task, pid_file):
+    """Task `task` writes to $GO.out the state of the process whose pid is in
+    $GO.<pid_file> as it runs (`gone`, or /proc's: Z a zombie, S asleep...)."""
+    add_script(tmp_path, task, "run",
+               f'state=$(awk \'{{print $3}}\' /proc/$(cat "$GO.{pid_file}")/stat 2>/dev/null)\n'
+               'echo "${state:-gone}" > "$GO.out"\n')
 
 
 def test_restart_stops_scripts_a_killed_daemon_left_running(tmp_path, daemons):
     add_script(tmp_path, "slow", "run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
-    add_script(tmp_path, "next", "run",
-               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.pid")/stat 2>/dev/null)\n'
-               'echo "orphan:${state:-gone}" > "$GO.out"\n')
-    queued, orphan = kill_while_running(daemons(), tmp_path, "slow", "next")
+    add_state_probe(tmp_path, "next", "pid")
+    _, queued, orphan = kill_while_running(daemons(), tmp_path, "slow", "next")
     assert not gone(orphan)
     d = daemons()
     d.wait_status(queued)
-    assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
+    assert (tmp_path / "go.out").read_text().strip() in ("gone", "Z")  # before it ran
     assert "left running by a daemon that died" in d.stderr()
 
 
@@ -1496,24 +1504,13 @@ def test_restart_stops_what_an_earlier_script_of_the_crashed_task_left_running(t
                                                                                daemons):
     add_script(tmp_path, "slow", "10-leave", 'sleep 300 & echo $! > "$GO.left"\n')
     add_script(tmp_path, "slow", "20-run", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
-    add_script(tmp_path, "next", "run",
-               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.left")/stat 2>/dev/null)\n'
-               'echo "left:${state:-gone}" > "$GO.out"\n')
-    d = daemons()
-    slow, queued = d.submit("slow"), d.submit("next")
-    wait_for(lambda: (tmp_path / "go.pid").exists() and (tmp_path / "go.pid").read_text())
-    running = int((tmp_path / "go.pid").read_text())
-    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
-                                            uri=True)) as db:
-        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
-                                    (slow,)).fetchone()[0] == running)
-    d.proc.kill()
-    d.proc.wait()
+    add_state_probe(tmp_path, "next", "left")
+    _, queued, running = kill_while_running(daemons(), tmp_path, "slow", "next")
     left = int((tmp_path / "go.left").read_text())
     assert not gone(left) and not gone(running)
     d = daemons()
     d.wait_status(queued)
-    assert (tmp_path / "go.out").read_text().strip() in ("left:gone", "left:Z")  # before it ran
+    assert (tmp_path / "go.out").read_text().strip() in ("gone", "Z")  # before it ran
     assert gone(running)
     assert d.stderr().count("left running by a daemon that died") == 2
 
@@ -1522,24 +1519,12 @@ def test_restart_stops_an_on_finish_a_killed_daemon_left_running(tmp_path, daemo
     """SPEC 8: .on-finish runs before the next task starts, after a crash too."""
     add_script(tmp_path, "slow", "run", "exit 0\n")
     add_script(tmp_path, "slow", ".on-finish", 'echo $$ > "$GO.pid"\nexec sleep 300\n')
-    add_script(tmp_path, "next", "run",
-               'state=$(awk \'{print $3}\' /proc/$(cat "$GO.pid")/stat 2>/dev/null)\n'
-               'echo "orphan:${state:-gone}" > "$GO.out"\n')
-    d = daemons()
-    running_id, queued = d.submit("slow"), d.submit("next")
-    pid_file = tmp_path / "go.pid"
-    wait_for(lambda: pid_file.exists() and pid_file.read_text())
-    orphan = int(pid_file.read_text())
-    with contextlib.closing(sqlite3.connect(f"file:{d.state}/tasks.sqlite3?mode=ro",
-                                            uri=True)) as db:
-        wait_for(lambda: db.execute("SELECT pgid FROM tasks WHERE id = ?",
-                                    (running_id,)).fetchone()[0] == orphan)
-    d.proc.kill()
-    d.proc.wait()
+    add_state_probe(tmp_path, "next", "pid")
+    running_id, queued, orphan = kill_while_running(daemons(), tmp_path, "slow", "next")
     assert not gone(orphan)
     d = daemons()
     d.wait_status(queued)
-    assert (tmp_path / "go.out").read_text().strip() in ("orphan:gone", "orphan:Z")
+    assert (tmp_path / "go.out").read_text().strip() in ("gone", "Z")  # before it ran
     # Its scripts had ended: the crash in its .on-finish does not change how (SPEC 8).
     task = d.task(running_id)
     assert (task["status"], task["exit_code"]) == ("complete", 0)
@@ -1573,7 +1558,7 @@ def test_a_crashed_tasks_on_finish_is_owed_until_a_start_has_run_it(tmp_path, da
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "stubborn", ".on-finish", 'echo "$TASKTRAIN_STATUS" >> "$GO.fin"\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
-    queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
+    _, queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
     d = daemons("--grace", "300")
     wait_for(lambda: "left running by a daemon that died" in d.stderr())
     d.proc.kill()  # while it waits for the stubborn script: no .on-finish has run yet
@@ -1651,7 +1636,7 @@ def test_a_restart_knows_a_group_by_its_leader_when_its_environment_is_gone(tmp_
                                                                             daemons):
     add_script(tmp_path, "bare", "run", 'echo $$ > "$GO.pid"\nexec env -i sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
-    queued, orphan = kill_while_running(daemons(), tmp_path, "bare", "next")
+    _, queued, orphan = kill_while_running(daemons(), tmp_path, "bare", "next")
     d = daemons("--grace", "0.2")
     assert d.wait_status(queued)["status"] == "complete"
     assert gone(orphan)  # its environment names no task, but its leader is the one recorded
@@ -1709,7 +1694,7 @@ def test_a_crash_during_on_finish_does_not_run_it_again(tmp_path, daemons):
 def test_nothing_is_claimed_before_a_dead_daemons_scripts_are_stopped(tmp_path, daemons):
     add_script(tmp_path, "stubborn", "run", 'trap "" TERM\necho $$ > "$GO.pid"\nexec sleep 300\n')
     add_script(tmp_path, "next", "run", "exit 0\n")
-    queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
+    _, queued, orphan = kill_while_running(daemons(), tmp_path, "stubborn", "next")
     d = daemons("--grace", "1")
     # Claimed now, it would be failed, never run, if this daemon died during the grace.
     assert d.task(queued)["status"] == "pending" and not gone(orphan)
