@@ -225,7 +225,8 @@ CLIENT_COMMANDS = ("submit", "status", "log", "cancel", "list")
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 CONNECT_TIMEOUT_S = 10
 ANSWER_TIMEOUT_S = 60  # for answers that do not wait for a task
-# A cancel's answer waits for the stop: 2 x --grace + 5 s at most, whatever --grace is.
+# A cancel's answer waits for the stop, 2 x --grace + 5 s at most: an hour covers a
+# --grace of up to 29 minutes.
 CANCEL_TIMEOUT_S = 3600
 
 log = logging.getLogger("tasktrain")
@@ -1258,8 +1259,9 @@ class TaskStore:
         restart after a crash stops it too (committed, not synced)."""
         with self._lock:
             recorded, start, left = self._row(task_id, "pgid, pgid_start, left_groups")
-            # Its leader has exited: a restart knows the group by its members' environment.
-            # The start only tells it from the group still recorded as `pgid` (the same).
+            # Its leader has exited: a restart knows the group by its members'
+            # environment. The start is kept all the same, so that the restart counts
+            # this group once if it is still the one recorded as `pgid`.
             start = start if recorded == pgid else None  # record_process failed: no start
             left = json.dumps(json.loads(left or "[]") + [[pgid, start]])
             self._write("UPDATE tasks SET left_groups = ? WHERE id = ?", (left, task_id))
@@ -4031,12 +4033,13 @@ def keep_thread_on_one_cpu():
     CPUs the daemon may use (Linux; elsewhere nothing).
 
     Handler threads take turns with the interpreter lock (in a build that has one),
-    so more CPUs give them nothing; but handing the lock to a thread asleep on another CPU wakes that CPU,
-    which in a VM goes through the host. With 16 clients submitting at once, handlers
-    kept on one CPU took 1,000 tasks in 0.37 s instead of 0.57 s. The last CPU: the
-    first often takes more of the kernel's own work, and on it a submission to an
-    idle daemon started its task 0.24 ms later (3.40 ms against 3.16). The runner,
-    started before, stays free: its scripts get every CPU it has.
+    so more CPUs give them nothing; but handing the lock to a thread asleep on
+    another CPU wakes that CPU, which in a VM goes through the host. With 16 clients
+    submitting at once, handlers kept on one CPU took 1,000 tasks in 0.37 s instead
+    of 0.57 s. The last CPU: the first often takes more of the kernel's own work, and
+    on it a submission to an idle daemon started its task 0.24 ms later (3.40 ms
+    against 3.16). The runner, started before, stays free: its scripts get every CPU
+    it has.
     """
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
     if len(cpus) > 1:
