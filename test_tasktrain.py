@@ -3424,7 +3424,7 @@ def test_a_wait_whose_client_has_gone_gives_its_thread_back(wait_daemon):
         conn.sendall(f"GET /tasks/{task_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      "Prefer: wait=3600\r\n\r\n".encode())
     wait_for(lambda: connection_threads(d) == 10)
-    time.sleep(2 * tasktrain.WAIT_CLIENT_CHECK_S)  # each has looked at its client since
+    time.sleep(1.5 * tasktrain.WAIT_CLIENT_CHECK_S)  # each has looked at its client since
     assert connection_threads(d) == 10
     for conn in waits:  # as a CI step that gave up
         conn.close()
@@ -3827,7 +3827,7 @@ class Impostor(http.server.BaseHTTPRequestHandler):
 def impostor(request):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
     server.status, server.port = request.param, server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()
@@ -3869,7 +3869,7 @@ def test_a_wait_that_a_proxy_gave_up_on_is_asked_again(wait_daemon, capfd):
 
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     proxy.port = proxy.server_address[1]  # as in_process reads a daemon's
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
     try:
         code, out, _ = in_process(proxy, capfd, "status", task_id, "--wait")
     finally:
