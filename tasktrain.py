@@ -3980,6 +3980,9 @@ def parse_args(argv):
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without --token")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    if argv[:1] and not argv[0].startswith("-"):  # a client command, mistyped
+        parser.error(f"no command {argv[0]!r}: the commands are {', '.join(CLIENT_COMMANDS)}; "
+                     "without one, the daemon runs")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
@@ -4063,7 +4066,7 @@ class Client:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--url must be http://HOST[:PORT][/PREFIX], not {url!r}")
         if parts.username is not None:  # it would not be sent
-            raise ValueError("--url holds no user or password: the token goes in "
+            raise ValueError("--url must hold no user or password: the token goes in "
                              "TASKTRAIN_TOKEN")
         if parts.port == 0:  # reading it raises ValueError for a port out of range
             raise ValueError(f"--url names port 0: {url!r}")
@@ -4107,34 +4110,30 @@ class Client:
         return self.read(self.open(method, path, body, headers, timeout_s))
 
     def read(self, resp):
-        """A response's (status, headers, body as text). A proxy's 502 or 504 means it
-        could not reach the daemon."""
+        """A response's (status, headers, body as text), once `checked`."""
+        self.checked(resp)
         try:
             data = resp.read()
         except (OSError, http.client.HTTPException) as e:
             raise Unreachable(f"Task Train at {self.url} broke off its answer: {e}") from None
-        text = data.decode("utf-8", "replace")
-        if resp.status in (502, 504):
-            raise Unreachable(f"cannot reach Task Train at {self.url}: {resp.status} "
-                              f"{resp.reason}: {' '.join(text.split())[:200]!r}")
-        return resp.status, resp.headers, text
+        return resp.status, resp.headers, data.decode("utf-8", "replace")
 
-    def record(self, text):
-        """`text` if it is a task record; Unreachable if it is anything else, such as a
-        page something other than Task Train answered at --url."""
-        if record_field(text, "ID") is None or record_status(text) is None:
-            raise Unreachable(f"what answers at {self.url} is not Task Train (no task "
-                              f"record): {text.strip()[:200]!r}")
-        return text
+    def checked(self, resp):
+        """`resp` if Task Train sent it (every answer of its carries X-Req-Count);
+        Unreachable if anything else did: a proxy in front that cannot reach it (502,
+        504), or a web server at a wrong --url. Its 404 page would read as a refusal,
+        its 200 as a task queued."""
+        if "X-Req-Count" not in resp.headers:
+            why = ("cannot reach Task Train at" if resp.status in (502, 504) else
+                   "what answers is not Task Train at")
+            raise Unreachable(f"{why} {self.url}: {resp.status} {resp.reason}")
+        return resp
 
     def copy(self, path, out):
         """Stream a path's answer (a log) to a binary file as it comes."""
-        resp = self.open("GET", path, timeout_s=None)
+        resp = self.checked(self.open("GET", path, timeout_s=None))
         if resp.status != 200:
-            raise Refused(self.read(resp)[2].strip())  # a proxy's 502 or 504: Unreachable
-        if not resp.headers.get("Content-Type", "").startswith(TEXT.split(";")[0]):
-            raise Unreachable(f"what answers at {self.url} is not Task Train (no log): "
-                              f"{resp.headers.get('Content-Type')}")
+            raise Refused(self.read(resp)[2].strip())
         try:
             for chunk in iter(functools.partial(resp.read1, COPY_CHUNK_BYTES), b""):
                 try:
@@ -4154,13 +4153,14 @@ class Client:
         """The task's record once it has ended (waiting as long as it takes)."""
         while True:
             resp = self.answer(self.send_outcome_wait(task_id))
-            if resp.status == 504:  # a proxy in front gave up waiting first: ask again
+            if resp.status == 504 and "X-Req-Count" not in resp.headers:
+                # A proxy in front gave up waiting first: ask again.
                 with contextlib.suppress(OSError, http.client.HTTPException):
                     resp.read()
                 continue
             status, _, record = self.read(resp)
             if status in OUTCOME_STATUS.values():  # it has ended
-                return self.record(record)
+                return record
             if status != 202:  # 202: not ended within the wait, or the daemon is stopping
                 raise Refused(record.strip())  # 404, 401: not an outcome to exit 0 with
 
@@ -4174,9 +4174,7 @@ class Client:
             status, _, record = self.read(self.answer(conn))
         except Unreachable:
             return None
-        if status not in OUTCOME_STATUS.values() or record_status(record) is None:
-            return None
-        return record
+        return record if status in OUTCOME_STATUS.values() else None
 
 
 def stdout_gone():
@@ -4288,7 +4286,7 @@ def client_submit(client, args):
     status, _, record = client.call("POST", "/task", body, {"Content-Type": FORM_TYPE})
     if status not in (200, 201):
         raise Refused(record.strip())
-    task_id = record_field(client.record(record), "ID")
+    task_id = record_field(record, "ID")
     if args.follow or args.wait:  # the id first: should the daemon go, the task is known
         print(f"Task {task_id} queued." if status == 201 else
               f"Task {task_id} was already queued (an identical one).", file=sys.stderr)
@@ -4327,7 +4325,7 @@ def client_status(client, args):
         status, _, record = client.call("GET", f"/tasks/{args.task_id}")
         if status != 200:
             raise Refused(record.strip())
-    write_out(client.record(record))
+    write_out(record)
     return EXIT_FAILED if record_status(record) in ("failed", "cancelled") else EXIT_COMPLETE
 
 
@@ -4346,7 +4344,7 @@ def client_cancel(client, args):
                                     timeout_s=CANCEL_TIMEOUT_S)
     if status not in (200, 202):
         raise Refused(record.strip())
-    write_out(client.record(record))
+    write_out(record)
     return EXIT_COMPLETE
 
 
@@ -4356,14 +4354,10 @@ def client_list(client, args):
     status, _, answer = client.call("GET", "/tasks?format=json")
     if status != 200:
         raise Refused(answer.strip())
-    try:
-        lines = [f"{task['id']}  {task['status']:<9}  {task['created']}  {task['name']}  "
-                 + json.dumps(task["params"], ensure_ascii=False, separators=(",", ":"))
-                 for task in json.loads(answer)]
-    except (ValueError, TypeError, KeyError):
-        raise Unreachable(f"what answers at {client.url} is not Task Train (no task list): "
-                          f"{answer.strip()[:200]!r}") from None
-    write_out("".join(line + "\n" for line in lines))
+    write_out("".join(
+        f"{task['id']}  {task['status']:<9}  {task['created']}  {task['name']}  "
+        + json.dumps(task["params"], ensure_ascii=False, separators=(",", ":")) + "\n"
+        for task in json.loads(answer)))
     return EXIT_COMPLETE
 
 

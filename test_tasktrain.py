@@ -3763,6 +3763,7 @@ def test_the_client_takes_its_url_before_its_command_too(client_daemon, capfd, u
     (["list", "--url", "ftp://example.com"], "--url must be http://"),
     (["list", "--url", "http://127.0.0.1:99999"], "Port out of range"),
     (["list", "--url", "http://me:pw@127.0.0.1:1"], "the token goes in TASKTRAIN_TOKEN"),
+    (["lsit"], "no command 'lsit': the commands are submit, status, log, cancel, list"),
 ])
 def test_client_refusals_and_usage_errors_exit_2_saying_why(client_daemon, capfd, args, reason):
     code, out, err = in_process(client_daemon, capfd, *args)
@@ -3806,8 +3807,8 @@ def test_client_takes_the_token_from_the_environment(token_daemon, capfd, monkey
 
 
 class Impostor(http.server.BaseHTTPRequestHandler):
-    """What may answer at a wrong --url: a web page (200), or a proxy in front that
-    cannot reach the daemon (502)."""
+    """What may answer at a wrong --url: a web server (200, or its 404 page), or a
+    proxy in front that cannot reach the daemon (502)."""
 
     def answer(self):
         body = b"<html><body>Welcome!</body></html>\n" if self.server.status == 200 else b"down\n"
@@ -3823,7 +3824,7 @@ class Impostor(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module", params=[200, 502])
+@pytest.fixture(scope="module", params=[200, 404, 502])
 def impostor(request):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
     server.status, server.port = request.param, server.server_address[1]
@@ -3843,7 +3844,7 @@ def test_the_client_exits_3_when_what_answers_at_its_url_is_not_task_train(impos
                                                                          args):
     code, out, err = in_process(impostor, capfd, *args)
     assert (code, out) == (3, ""), err  # never 0: a CI step would take it for a deploy
-    assert ("is not Task Train" if impostor.status == 200 else "502 Bad Gateway") in err
+    assert ("502 Bad Gateway" if impostor.status == 502 else "is not Task Train") in err
     assert err.count("\n") == 1
 
 
@@ -3860,6 +3861,9 @@ def test_a_wait_that_a_proxy_gave_up_on_is_asked_again(wait_daemon, capfd):
             resp = d.request("GET", self.path, headers=dict(self.headers)) if len(asked) > 1 \
                 else Response(504, {}, b"<html>Gateway Time-out</html>\n")
             self.send_response(resp.status)
+            for name, value in resp.headers.items():  # as nginx passes them on
+                if name not in ("Content-Length", "Transfer-Encoding", "Connection"):
+                    self.send_header(name, value)
             self.send_header("Content-Length", str(len(resp.body)))
             self.end_headers()
             self.wfile.write(resp.body)
