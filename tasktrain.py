@@ -82,6 +82,9 @@ KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 ID_RE = r"[0-9a-f]{13}"
 BAD_PERCENT_RE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 EVENT_RE = re.compile(r"[a-z0-9_]{1,64}")
+# An event header as forges send it: `push`, `pull_request`, GitLab's `Tag Push Hook`.
+# Checked before event_name folds it: str.split() takes \x1f or \xa0 for a space.
+EVENT_HEADER_RE = re.compile(r"[A-Za-z0-9_]+( [A-Za-z0-9_]+)*")
 # Seconds as people write them: float() also takes 1_0, 1e3, inf and non-ASCII digits.
 SECONDS_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
@@ -2878,7 +2881,7 @@ def forge_event(headers, body, payload=None):
     if found is None:
         return None
     event_header, delivery_header, value = found
-    if not EVENT_RE.fullmatch(event_name(value)):
+    if not (EVENT_HEADER_RE.fullmatch(value) and EVENT_RE.fullmatch(event_name(value))):
         abort(400, f"Bad {event_header} header: {value!r}.")
     delivery = headers.get(delivery_header)
     if delivery is not None and not DELIVERY_RE.fullmatch(delivery):

@@ -2664,6 +2664,9 @@ def test_a_delivery_sent_again_with_the_token_runs_again_with_its_params(tmp_pat
 @pytest.mark.parametrize("headers, payload, status, reason", [
     ({"X-GitHub-Event": ""}, b"{}", 400, "Bad X-GitHub-Event header: ''."),
     ({"X-GitHub-Event": "push;rm"}, b"{}", 400, "Bad X-GitHub-Event header: 'push;rm'."),
+    # str.split() takes these for spaces: the scripts would have got them
+    ({"X-GitHub-Event": "push\x1fhook"}, b"{}", 400, "Bad X-GitHub-Event header: 'push\\x1fhook'."),
+    ({"X-Gitlab-Event": "ping\xa0hook"}, b"{}", 400, "Bad X-Gitlab-Event header: 'ping\\xa0hook'."),
     ({"X-GitHub-Event": "push", "X-GitHub-Delivery": "a b"}, b"{}", 400,
      "Bad X-GitHub-Delivery header: 'a b'."),
     ({"X-Gitea-Event": "push"}, b'{"ref": "refs/heads/a\\u0000b"}', 400,
