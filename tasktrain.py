@@ -101,8 +101,8 @@ MAX_WAIT_S = 3600  # the longest `Prefer: wait=N` honoured
 IDLE_TIMEOUT_S = 30
 HEAD_TIMEOUT_S = 30  # for the request line and headers in all, not for each line
 FOLLOW_POLL_S = 0.02
-# How often a wait for a task's end (Prefer: wait) looks whether its client has gone:
-# each wait holds a thread, for as long as an hour.
+# How often a wait for a task's end (Prefer: wait), or a follow, looks whether its
+# client has gone: each holds a thread, for as long as an hour (or the task).
 WAIT_CLIENT_CHECK_S = 1
 # A file whose ctime is this old shows any later change in it: file times are stamped
 # once a clock tick (once a second on HFS+, every two on FAT).
@@ -3679,8 +3679,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The log as it is written, from byte `start` on: waits while the task is
         pending, ends when it ends or when the daemon stops."""
         path, store, f = self.server.store.log_path(task_id), self.server.store, None
+        looked = time.monotonic()
         try:
             while True:
+                # A client that left is found when a chunk cannot be sent; while none
+                # comes (a pending task, a quiet script) it is looked for, or its thread
+                # and socket were held for as long as the task took.
+                if time.monotonic() - looked >= WAIT_CLIENT_CHECK_S:
+                    looked = time.monotonic()
+                    if self._client_gone():
+                        self.close_connection = True
+                        return
                 # Both are read before the log, so that the last read has every line.
                 status, stopping = store.status(task_id), self.server.shutting_down.is_set()
                 if f is None and os.path.exists(path):

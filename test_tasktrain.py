@@ -3418,7 +3418,7 @@ def test_prefer_wait_that_runs_out_answers_202_with_the_record_as_it_stands(wait
     assert waiting(d, "GET", f"/tasks/{task_id}", 30)[0].status == 200
 
 
-def test_a_wait_whose_client_has_gone_gives_its_thread_back(wait_daemon):
+def test_a_wait_or_follow_whose_client_has_gone_gives_its_thread_back(wait_daemon):
     d = wait_daemon
     resp, _ = waiting(d, "POST", "/task?name=gated&gate=gone", 0)
     task_id = record_fields(resp.text)["ID"]
@@ -3430,6 +3430,14 @@ def test_a_wait_whose_client_has_gone_gives_its_thread_back(wait_daemon):
     time.sleep(1.5 * tasktrain.WAIT_CLIENT_CHECK_S)  # each has looked at its client since
     assert connection_threads(d) == 10
     for conn in waits:  # as a CI step that gave up
+        conn.close()
+    wait_for(lambda: connection_threads(d) == 0, timeout=5 * tasktrain.WAIT_CLIENT_CHECK_S)
+    follows = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(10)]
+    for conn in follows:  # of a script that writes nothing more: no chunk to fail to send
+        conn.sendall(f"GET /tasks/{task_id}/log?follow=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     "\r\n".encode())
+    wait_for(lambda: connection_threads(d) == 10)
+    for conn in follows:
         conn.close()
     wait_for(lambda: connection_threads(d) == 0, timeout=5 * tasktrain.WAIT_CLIENT_CHECK_S)
     (d.root / "go.gone").touch()
