@@ -108,6 +108,7 @@ WAIT_CLIENT_CHECK_S = 1
 # once a clock tick (once a second on HFS+, every two on FAT).
 SETTLED_NS = 3_000_000_000
 STORE_RETRY_S = 1  # while the disk is full, how often the runner tries to record a task's end
+ACCEPT_RETRY_S = 0.1  # while the daemon has no file descriptor left, how often it accepts
 # Errors that mean no room for a file to grow (a file size limit is one, as for a full
 # disk): a task whose log cannot take its first line waits for room instead of failing.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -3911,6 +3912,7 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
         self.shutting_down = threading.Event()
         self._answers = 0  # requests being answered
         self._answers_changed = threading.Condition()
+        self._out_of_fds = False  # main thread only: accept() last failed for want of fds
         super().__init__(address, Handler)
 
     def serve_until_signalled(self, stop_reader):
@@ -3930,6 +3932,24 @@ class TaskTrainServer(http.server.ThreadingHTTPServer):
                     if key.fileobj is stop_reader:
                         return stop_reader.recv(1)[0]
                     self._handle_request_noblock()  # what serve_forever() calls
+
+    def get_request(self):
+        """Accept a connection. With no file descriptor left, the listening socket stays
+        ready, and the accept loop spun a CPU without a word: it pauses, and says so."""
+        try:
+            accepted = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                if not self._out_of_fds:
+                    log.error("cannot accept connections: %s; trying again every %g s",
+                              e.strerror, ACCEPT_RETRY_S)
+                self._out_of_fds = True
+                time.sleep(ACCEPT_RETRY_S)
+            raise
+        if self._out_of_fds:
+            log.info("accepting connections again")
+            self._out_of_fds = False
+        return accepted
 
     def handle_error(self, request, client_address):
         """A client that left is no error; anything else goes to the log, once."""

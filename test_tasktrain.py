@@ -2292,6 +2292,29 @@ def test_stalled_clients_do_not_hold_up_anyone(daemon):
             s.close()
 
 
+def test_a_daemon_out_of_file_descriptors_waits_to_accept_instead_of_spinning(tmp_path,
+                                                                              daemons):
+    few_fds = ("import os, resource, sys\nresource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))\n"
+               "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+    d = daemons(wrapper=few_fds)
+    idle = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(48)]
+    try:
+        wait_for(lambda: "cannot accept connections: Too many open files" in d.stderr())
+        def cpu_s():
+            with open(f"/proc/{d.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before = cpu_s()
+        time.sleep(1)  # a spinning accept loop would take the whole second
+        assert cpu_s() - before < 0.5
+    finally:
+        for conn in idle:
+            conn.close()
+    assert d.get("/").status == 200
+    wait_for(lambda: "accepting connections again" in d.stderr())
+    assert d.stderr().count("cannot accept connections") == 1
+
+
 def test_an_http_1_0_client_that_asks_to_keep_alive_is_told_so(idle_daemon):
     with socket.create_connection(("127.0.0.1", idle_daemon.port), timeout=DEADLINE_S) as s:
         s.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
